@@ -1,0 +1,280 @@
+"""Golden labels: cross-layer majority voting over native-indexer nuclei (Eq. 7-11).
+
+`golden_labels` is the public contract; `flashmemory label` streams it over
+harvested shards (docs/DATA_FORMAT.md) and writes `labels.safetensors` per document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Golden-label filtering (paper §2.2)."""
+
+    # Nucleus mass per (position, layer), Eq. 8; the paper's p = 0.6.
+    top_p: float = 0.6
+    # Layers that must agree, Eq. 10; the paper's θ = 3.
+    min_votes: int = 3
+    # Lookahead window in decode steps, Eq. 11; the paper's τ = 64.
+    tau: int = 64
+
+    def __post_init__(self) -> None:
+        _check_label_args(self.top_p, self.min_votes, self.tau)
+
+
+def _check_label_args(top_p: float, min_votes: int, tau: int) -> None:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (
+        0.0 < top_p <= 1.0
+    ):
+        raise ValueError(
+            f"top_p={top_p!r} must lie in (0, 1]: it is the probability mass each "
+            "layer's nucleus must reach; use 0.6 (the paper's value)."
+        )
+    if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
+        raise ValueError(
+            f"min_votes={min_votes!r} must be a positive integer (layers that must "
+            "agree); use 3 (the paper's value)."
+        )
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(
+            f"tau={tau!r} must be a positive integer number of decode steps; use 64."
+        )
+
+
+def golden_entries(
+    logits: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    top_p: float = 0.6,
+    min_votes: int = 3,
+) -> torch.Tensor:
+    """Per-position golden entries A_i (Eq. 7-10).
+
+    logits: [T, L, N] float native indexer logits; visible: [T, N] bool.
+    returns: [T, N] bool, True where at least `min_votes` layers put the entry in
+    their top-p nucleus. Ties in probability are broken by the lower entry index.
+    """
+    T, L, N = _check_inputs(logits, visible, top_p, min_votes)
+    vis = visible.unsqueeze(1).expand(T, L, N)  # [T, L, N]
+    if torch.any(vis & ~torch.isfinite(logits)):
+        raise ValueError(
+            "logits hold NaN or infinite values at visible entries; only entries "
+            "that are not visible may be -inf. Check the harvest (docs/DATA_FORMAT.md)."
+        )
+    masked = logits.double().masked_fill(~vis, float("-inf"))  # [T, L, N]
+    any_visible = visible.any(dim=1)  # [T]
+    # Eq. 7: softmax over the visible entries; rows with nothing visible stay zero.
+    probs = torch.softmax(masked.masked_fill(~any_visible[:, None, None], 0.0), dim=-1)
+    probs = probs.masked_fill(~vis, 0.0)
+    # Eq. 8: an entry is in the nucleus iff the mass of the entries before it
+    # (sorted by probability, stable so ties keep index order) is still < top_p;
+    # that keeps the entry that crosses top_p and never leaves the nucleus empty.
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    in_nucleus_sorted = mass_before < top_p
+    in_nucleus = torch.zeros_like(in_nucleus_sorted)
+    in_nucleus.scatter_(-1, order, in_nucleus_sorted)
+    in_nucleus &= vis
+    votes = in_nucleus.sum(dim=1)  # [T, N], Eq. 9
+    return votes >= min_votes  # Eq. 10
+
+
+def golden_labels(
+    logits: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    top_p: float = 0.6,
+    min_votes: int = 3,
+    tau: int = 64,
+) -> torch.Tensor:
+    """Window labels Y_w = union of golden entries over positions [w*tau, (w+1)*tau), Eq. 11.
+
+    logits: [T, L, N] float (T decode positions, L CSA layers, N compressed entries);
+    visible: [T, N] bool. returns: [ceil(T / tau), N] bool.
+    """
+    _check_label_args(top_p, min_votes, tau)
+    golden = golden_entries(logits, visible, top_p=top_p, min_votes=min_votes)
+    return windows_union(golden, tau)
+
+
+def windows_union(golden: torch.Tensor, tau: int) -> torch.Tensor:
+    """[T, N] per-position labels -> [ceil(T / tau), N] union per window (Eq. 11)."""
+    T, N = golden.shape
+    W = math.ceil(T / tau)
+    padded = torch.zeros(W * tau, N, dtype=torch.bool)
+    padded[:T] = golden
+    return padded.view(W, tau, N).any(dim=1)
+
+
+def _check_inputs(
+    logits: torch.Tensor, visible: torch.Tensor, top_p: float, min_votes: int
+) -> tuple[int, int, int]:
+    _check_label_args(top_p, min_votes, 1)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(
+            f"logits must be a float tensor [T, L, N]; got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}."
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point; got {logits.dtype}.")
+    T, L, N = logits.shape
+    if not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool:
+        raise TypeError(
+            f"visible must be a bool tensor [T, N]; got "
+            f"{getattr(visible, 'dtype', type(visible).__name__)}."
+        )
+    if tuple(visible.shape) != (T, N):
+        raise ValueError(
+            f"visible has shape {tuple(visible.shape)} but logits [T, L, N] = "
+            f"{(T, L, N)} need it to be {(T, N)}."
+        )
+    if min_votes > L:
+        raise ValueError(
+            f"min_votes={min_votes} exceeds the {L} CSA layers in logits, so no "
+            f"entry could ever be golden; use min_votes <= {L}."
+        )
+    return T, L, N
+
+
+# ---- flashmemory label --------------------------------------------------------------
+
+
+def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = True) -> dict:
+    """Write labels.safetensors for every complete document of a harvest at `root`.
+
+    Streams one shard at a time, so memory is bounded by a shard, not a document.
+    Returns summary statistics (windows, golden entries per window, golden fraction).
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{manifest_path} does not exist; point `flashmemory label` at the "
+            "output directory of `flashmemory harvest`."
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != "flashmemory-harvest/1":
+        raise ValueError(
+            f"{manifest_path} has format {manifest.get('format')!r}; expected "
+            "'flashmemory-harvest/1' (re-run `flashmemory harvest`)."
+        )
+    geometry = manifest["geometry"]
+    n_csa = len(geometry["csa_layers"])
+    if config.min_votes > n_csa:
+        raise ValueError(
+            f"min_votes={config.min_votes} exceeds the {n_csa} CSA layers of the "
+            f"harvested model; use --min-votes {n_csa} or less."
+        )
+    ratio = int(geometry["compress_ratio"])
+    prompt_tokens = int(manifest["prompt_tokens"])
+    docs = [d for d in manifest["documents"] if d.get("complete")]
+    if not docs:
+        raise ValueError(f"{root} holds no complete document; finish the harvest first.")
+    n_windows = n_golden = n_visible = 0
+    for doc in tqdm(docs, desc="label", unit="doc", disable=not progress):
+        doc_dir = root / doc["dir"]
+        n_entries = int(doc["n_tokens"]) // ratio
+        n_decode = int(doc["n_tokens"]) - prompt_tokens
+        W = math.ceil(n_decode / config.tau)
+        labels = torch.zeros(W, n_entries, dtype=torch.bool)  # [W, N]
+        for j in range(int(doc["n_shards"])):
+            shard = load_file(str(doc_dir / f"shard{j:05d}.safetensors"))
+            positions = shard["positions"]  # [T_s]
+            logits = shard["logits"]  # [T_s, L, N]
+            entry = torch.arange(logits.shape[-1])
+            visible = entry[None, :] < ((positions + 1) // ratio)[:, None]  # [T_s, N]
+            golden = golden_entries(
+                logits, visible, top_p=config.top_p, min_votes=config.min_votes
+            )
+            window = (positions - prompt_tokens) // config.tau  # [T_s]
+            for w in torch.unique(window).tolist():
+                labels[w] |= golden[window == w].any(dim=0)
+        query_positions = prompt_tokens + config.tau * torch.arange(W)
+        visible_at_query = (
+            torch.arange(n_entries)[None, :] < ((query_positions + 1) // ratio)[:, None]
+        )
+        n_windows += W
+        n_golden += int((labels & visible_at_query).sum())
+        n_visible += int(visible_at_query.sum())
+        _atomic_save(
+            save_file,
+            {"golden": labels, "query_positions": query_positions.to(torch.int64)},
+            doc_dir / "labels.safetensors",
+        )
+    manifest["labels"] = {
+        "top_p": config.top_p,
+        "min_votes": config.min_votes,
+        "tau": config.tau,
+    }
+    _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    summary = {
+        "documents": len(docs),
+        "windows": n_windows,
+        "golden_per_window": n_golden / max(n_windows, 1),
+        "golden_fraction_of_history": n_golden / max(n_visible, 1),
+    }
+    logger.info("labelled %s", summary)
+    return summary
+
+
+def _atomic_save(save_file, tensors: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = LabelConfig()
+    parser.add_argument("harvest_dir", help="output directory of `flashmemory harvest`")
+    parser.add_argument(
+        "--top-p", type=float, default=defaults.top_p,
+        help="nucleus mass per position and layer, Eq. 8 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-votes", type=int, default=defaults.min_votes,
+        help="CSA layers that must agree for an entry to be golden, Eq. 10 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tau", type=int, default=defaults.tau,
+        help="lookahead window in decode steps, Eq. 11 (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = LabelConfig(top_p=args.top_p, min_votes=args.min_votes, tau=args.tau)
+    summary = label_harvest(args.harvest_dir, config)
+    print(
+        f"labelled {summary['documents']} documents, {summary['windows']} windows: "
+        f"{summary['golden_per_window']:.1f} golden entries per window "
+        f"({100 * summary['golden_fraction_of_history']:.1f}% of visible history)"
+    )
+    return 0
