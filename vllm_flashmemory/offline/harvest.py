@@ -1,0 +1,315 @@
+"""`flashmemory harvest`: record what the native indexer sees and scores, per decode position.
+
+Runs a transformers DeepSeek-V4 model teacher-forced over long documents (chunked
+prefill through the cache) and writes, per document, K^IComp of every CSA layer
+(Hadamard-rotated, as vLLM's index-K cache holds it) and shards of
+(positions, attention-input hidden states, native indexer logits over all
+compressed entries). Format: docs/DATA_FORMAT.md ("flashmemory-harvest/1").
+
+Resumable: every file is written to a temp name and renamed, completed shards are
+kept, and a rerun recomputes the (deterministic) forward but writes only the
+missing shards, so its output is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vllm_flashmemory.dsv4.capture import IndexerCapture, chunked_forward, mask_to_doc
+from vllm_flashmemory.dsv4.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_hf_model
+from vllm_flashmemory.core.rotation import hadamard_rotate
+from vllm_flashmemory.offline.documents import Document, read_jsonl, synthetic_documents
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "flashmemory-harvest/1"
+MANIFEST = "manifest.json"
+KEYS_FILE = "keys.safetensors"
+COMPRESS_RATIO = 4
+# Bound on one chunk's scorer intermediate [chunk, H, N_doc] in float32 elements;
+# the chunk shrinks as documents grow so memory stays flat (~256 MiB).
+_SCORER_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """One harvest run; validated before any model work starts."""
+
+    # Model folder in the layout written by `flashmemory make-tiny`.
+    model: str
+    # Output folder (manifest.json + one folder per document).
+    out: str
+    # Absolute positions >= prompt_tokens are the recorded "decode positions".
+    prompt_tokens: int
+    # Decode positions per shard file (the unit of resumption).
+    positions_per_shard: int = 256
+    # Indices among the CSA layers whose hidden states are recorded; None = all.
+    hidden_layers: tuple[int, ...] | None = None
+    # Largest prefill chunk; the real chunk also shrinks with document length.
+    max_chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        folder = Path(self.model)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise ValueError(
+                f"--model {self.model!r} is not a model folder ({CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} expected); build one with `flashmemory make-tiny DIR`."
+            )
+        for name, value in (
+            ("prompt_tokens", self.prompt_tokens),
+            ("positions_per_shard", self.positions_per_shard),
+            ("max_chunk_tokens", self.max_chunk_tokens),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r} must be a positive integer.")
+        if self.hidden_layers is not None:
+            object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
+
+    def chunk_tokens(self, n_tokens: int, index_heads: int) -> int:
+        n_entries = max(1, n_tokens // COMPRESS_RATIO)
+        return max(16, min(self.max_chunk_tokens, _SCORER_ELEMENTS // (index_heads * n_entries)))
+
+
+def tokenize_documents(model_dir: str, docs: Sequence[Document], n_tokens: int | None) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for doc in docs:
+        ids = tok(doc.text).input_ids
+        out.append(ids[:n_tokens] if n_tokens is not None else ids)
+    return out
+
+
+def harvest(
+    cfg: HarvestConfig,
+    docs: Sequence[Document],
+    token_ids: Sequence[Sequence[int]],
+    *,
+    progress: bool = True,
+    on_shard_written: Callable[[str, int], None] | None = None,
+    model: torch.nn.Module | None = None,
+) -> dict:
+    """Harvest every document; returns the final manifest.
+
+    `model` may be passed pre-loaded (from `load_hf_model(cfg.model)`) to skip the load.
+    """
+    if len(docs) != len(token_ids) or not docs:
+        raise ValueError("harvest needs one token list per document and at least one document.")
+    for doc, ids in zip(docs, token_ids):
+        if len(ids) <= cfg.prompt_tokens:
+            raise ValueError(
+                f"document {doc.doc_id!r} has {len(ids)} tokens, not more than "
+                f"--prompt-tokens {cfg.prompt_tokens}, so it has no decode position; "
+                "lower --prompt-tokens or use longer documents."
+            )
+    with open(Path(cfg.model) / CONFIG_FILE) as fh:
+        model_cfg = json.load(fh)
+    ratios = list(model_cfg.get("compress_ratios", []))[: model_cfg["num_hidden_layers"]]
+    csa_layers = [i for i, r in enumerate(ratios) if r == COMPRESS_RATIO]
+    hidden_layers = list(cfg.hidden_layers) if cfg.hidden_layers is not None else list(
+        range(len(csa_layers))
+    )
+    bad = [h for h in hidden_layers if not 0 <= h < len(csa_layers)] or (
+        hidden_layers if len(set(hidden_layers)) != len(hidden_layers) else []
+    )
+    if bad or not hidden_layers:
+        raise ValueError(
+            f"--hidden-layers {hidden_layers} must be distinct indices among the "
+            f"model's {len(csa_layers)} CSA layers (0..{len(csa_layers) - 1})."
+        )
+    geometry = {
+        "n_layers": model_cfg["num_hidden_layers"],
+        "csa_layers": csa_layers,
+        "hidden_layers": hidden_layers,
+        "hidden_size": model_cfg["hidden_size"],
+        "index_n_heads": model_cfg["index_n_heads"],
+        "index_head_dim": model_cfg["index_head_dim"],
+        "compress_ratio": COMPRESS_RATIO,
+    }
+    manifest = {
+        "format": FORMAT,
+        "model": str(Path(cfg.model).resolve()),
+        "prompt_tokens": cfg.prompt_tokens,
+        "positions_per_shard": cfg.positions_per_shard,
+        "geometry": geometry,
+        "documents": [
+            {
+                "doc_id": doc.doc_id,
+                "dir": f"doc{i:05d}",
+                "n_tokens": len(ids),
+                "n_shards": math.ceil((len(ids) - cfg.prompt_tokens) / cfg.positions_per_shard),
+                "complete": False,
+            }
+            for i, (doc, ids) in enumerate(zip(docs, token_ids))
+        ],
+    }
+    out = Path(cfg.out)
+    old = _read_manifest(out)
+    if old is not None:
+        _check_resumable(old, manifest, out)
+        for entry, old_entry in zip(manifest["documents"], old["documents"]):
+            entry["complete"] = old_entry["complete"]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MANIFEST, manifest)
+
+    if model is None:
+        model = load_hf_model(cfg.model)
+    total = sum(len(ids) for e, ids in zip(manifest["documents"], token_ids) if not e["complete"])
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tok", desc="harvest", disable=not progress)
+    t0 = time.perf_counter()
+    for entry, ids in zip(manifest["documents"], token_ids):
+        if entry["complete"]:
+            continue
+        _harvest_document(cfg, model, entry, torch.tensor(ids), out, geometry, bar, on_shard_written)
+        entry["complete"] = True
+        _write_json(out / MANIFEST, manifest)
+    bar.close()
+    logger.info("harvested %d tokens in %.1f s", total, time.perf_counter() - t0)
+    return manifest
+
+
+@torch.no_grad()
+def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_written) -> None:
+    doc_dir = out / entry["dir"]
+    doc_dir.mkdir(exist_ok=True)
+    n_tokens, p0, per = entry["n_tokens"], cfg.prompt_tokens, cfg.positions_per_shard
+    n_entries = n_tokens // COMPRESS_RATIO
+    done = {k for k in range(entry["n_shards"]) if (doc_dir / _shard_name(k)).is_file()}
+    hidden_slots = geometry["hidden_layers"]
+    chunk = cfg.chunk_tokens(n_tokens, geometry["index_n_heads"])
+    pending: dict[str, list[torch.Tensor]] = {"positions": [], "hidden": [], "logits": []}
+    with IndexerCapture(model) as cap:
+        for start, end in chunked_forward(model, ids, chunk, cap):
+            bar.update(end - start)
+            lo = max(start, p0)
+            while lo < end:
+                shard = (lo - p0) // per
+                hi = min(end, p0 + (shard + 1) * per)
+                if shard not in done:
+                    rows = slice(lo - start, hi - start)
+                    positions = torch.arange(lo, hi, dtype=torch.int64)
+                    pending["positions"].append(positions)
+                    # [T_s, L_h, D]
+                    pending["hidden"].append(torch.stack(
+                        [cap.layers[h].hidden[rows] for h in hidden_slots], dim=1
+                    ))
+                    # [T_s, L_csa, N_doc], -inf where entry s is not visible to p
+                    pending["logits"].append(torch.stack(
+                        [mask_to_doc(c.logits[rows], positions, n_entries, COMPRESS_RATIO)
+                         for c in cap.layers], dim=1
+                    ))
+                    if hi == p0 + (shard + 1) * per or hi == n_tokens:
+                        tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
+                        _atomic_save(tensors, doc_dir / _shard_name(shard))
+                        pending = {k: [] for k in pending}
+                        if on_shard_written is not None:
+                            on_shard_written(entry["doc_id"], shard)
+                lo = hi
+        # [L_csa, N_doc, Dk]: all entries are emitted once the last chunk ran.
+        k_icomp = torch.stack([hadamard_rotate(c.k_icomp[:n_entries]) for c in cap.layers])
+    _atomic_save({"k_icomp": k_icomp.contiguous()}, doc_dir / KEYS_FILE)
+
+
+def _shard_name(k: int) -> str:
+    return f"shard{k:05d}.safetensors"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may be other users
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_resumable(old: dict, new: dict, out: Path) -> None:
+    def key(m: dict) -> tuple:
+        docs = [(d["doc_id"], d["dir"], d["n_tokens"]) for d in m["documents"]]
+        return (m.get("format"), m["model"], m["prompt_tokens"], m["positions_per_shard"],
+                m["geometry"], docs)
+
+    if key(old) != key(new):
+        raise ValueError(
+            f"--out {str(out)!r} already holds a harvest with other settings or "
+            "documents; rerun with the same arguments to resume, or pick a new --out."
+        )
+
+
+# ---- CLI -------------------------------------------------------------------------
+
+_DEFAULTS = HarvestConfig.__dataclass_fields__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (from `flashmemory make-tiny`)")
+    parser.add_argument("--out", required=True, help="output folder; rerun to resume")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--documents", help='JSONL file with one {"id", "text"} per line')
+    src.add_argument("--synthetic", type=int, metavar="N", help="N seeded synthetic documents")
+    parser.add_argument("--tokens", type=int, help="tokens per document (required with --synthetic; truncates --documents)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic documents")
+    parser.add_argument("--prompt-tokens", type=int, required=True,
+                        help="positions >= this are recorded as decode positions")
+    parser.add_argument("--positions-per-shard", type=int,
+                        default=_DEFAULTS["positions_per_shard"].default,
+                        help="decode positions per shard file")
+    parser.add_argument("--hidden-layers", type=int, nargs="+",
+                        help="indices among the CSA layers whose hidden states are kept (default all)")
+    parser.add_argument("--max-chunk-tokens", type=int,
+                        default=_DEFAULTS["max_chunk_tokens"].default,
+                        help="largest prefill chunk through the cache")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = HarvestConfig(
+        model=args.model, out=args.out, prompt_tokens=args.prompt_tokens,
+        positions_per_shard=args.positions_per_shard,
+        hidden_layers=tuple(args.hidden_layers) if args.hidden_layers else None,
+        max_chunk_tokens=args.max_chunk_tokens,
+    )
+    if args.synthetic is not None:
+        if args.tokens is None or args.tokens < 2:
+            raise ValueError("--synthetic needs --tokens LEN (at least 2).")
+        # Byte tokenizer + BOS: LEN - 1 ASCII characters give LEN tokens.
+        docs = synthetic_documents(args.synthetic, args.tokens - 1, seed=args.seed)
+    else:
+        docs = read_jsonl(args.documents)
+    ids = tokenize_documents(cfg.model, docs, args.tokens)
+    t0 = time.perf_counter()
+    manifest = harvest(cfg, docs, ids, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    n = sum(d["n_tokens"] for d in manifest["documents"])
+    print(f"harvested {len(docs)} documents, {n} tokens, in {seconds:.1f} s "
+          f"({seconds / max(n, 1) * 1000:.2f} s per 1K tokens incl. model load) -> {cfg.out}")
+    return 0

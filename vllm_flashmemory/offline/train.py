@@ -1,0 +1,489 @@
+"""`flashmemory train`: fit the Memory Indexer's query encoder (paper §2.3-2.4).
+
+Keys K^IComp are frozen; only W_DQ, the RMSNorm weight, W_IUQ and W_w train (a dual
+encoder with a fixed document side). Loss: focal loss with gamma 2 and per-sample
+weights, no alpha (Eq. 14-15), on every golden entry of a window plus 3 random
+non-golden visible entries per positive (all of them when fewer exist; a window
+without positives still draws 3, so it learns to stay quiet).
+
+Per-sample weight rule (w_{t,s} of Eq. 15): every window carries the same total
+weight, split evenly over its samples: w_{t,s} = n_samples / (n_windows * |S_t|)
+within a batch. The paper's scheduler weighted positives by their vote count, which
+our labels do not keep (golden is boolean), and §2.4 reports that match-count
+weighting cost recall. Without this rule, long-context windows (many golden entries)
+would dominate the gradient, while the threshold must work at every context length.
+`--sample-weighting uniform` gives w = 1 instead.
+
+Outputs in OUT: `indexer/` (checkpoint of the last epoch), `metrics.json`,
+`metrics.png`, and `train_state.pt` to resume from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+from vllm_flashmemory.offline.dataset import (
+    DocumentWindows,
+    HarvestManifest,
+    check_indexer_layers,
+    load_document,
+    split_documents,
+)
+from vllm_flashmemory.offline.metrics import evaluate_indexer, plot_history
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of `flashmemory train`; the CLI reads its defaults from here."""
+
+    data_dir: str
+    out_dir: str
+    # Indices among CSA layers; None = every layer whose hidden states were harvested.
+    indexer_layers: tuple[int, ...] | None = None
+    # Indexer width; None = hidden_size // 2 (the published 4096 -> 2048) and the
+    # native indexer's head count. The published retriever doubles the heads (64 ->
+    # 128); pass n_heads for that, at twice the scoring cost per step.
+    rank: int | None = None
+    n_heads: int | None = None
+    epochs: int = 10
+    # Windows per optimizer step (all from one document: they share its keys).
+    batch_windows: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    # Focusing parameter gamma of Eq. 15 (the paper's 2).
+    focal_gamma: float = 2.0
+    # Random negatives per positive, drawn from non-golden visible history (§2.4).
+    negatives_per_positive: int = 3
+    sample_weighting: Literal["window", "uniform"] = "window"
+    # Selection threshold and routing of the evaluation (Eq. 5, 13).
+    threshold: float = 0.5
+    routing: Literal["or", "mean"] = "or"
+    # Chunk size for the chunk-level counts of the evaluation.
+    chunk_tokens: int = 256
+    # Fraction of documents held out for evaluation (at least one).
+    val_fraction: float = 0.25
+    seed: int = 0
+    # Continue from OUT/train_state.pt when it exists.
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.indexer_layers is not None:
+            object.__setattr__(self, "indexer_layers", tuple(self.indexer_layers))
+        for name in (
+            "epochs",
+            "batch_windows",
+            "negatives_per_positive",
+            "chunk_tokens",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not self.lr > 0:
+            raise ValueError(
+                f"lr={self.lr!r} must be positive; try 3e-3 for the tiny model."
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(
+                f"val_fraction={self.val_fraction!r} must lie in (0, 1); use 0.25."
+            )
+        if self.sample_weighting not in ("window", "uniform"):
+            raise ValueError(
+                f"sample_weighting={self.sample_weighting!r} is not a rule; use "
+                "'window' or 'uniform'."
+            )
+        if self.routing not in ("or", "mean"):
+            raise ValueError(
+                f"routing={self.routing!r} is not a routing mode; use 'or' or 'mean'."
+            )
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(
+                f"threshold={self.threshold!r} must lie in [0, 1]; use 0.5."
+            )
+        if self.focal_gamma < 0:
+            raise ValueError(
+                f"focal_gamma={self.focal_gamma!r} must be >= 0; use 2 (the paper's)."
+            )
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    metrics_path: Path
+    plot_path: Path
+    indexer_config: MemoryIndexerConfig
+    # Held-out metrics of the last epoch (EvalResult.to_dict()).
+    final: dict[str, Any]
+    history: list[dict[str, Any]]
+    train_documents: list[str]
+    val_documents: list[str]
+
+
+def focal_loss(
+    p: torch.Tensor, y: torch.Tensor, w: torch.Tensor, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sample-weighted focal loss, Eq. 14-15: mean of w (1 - p_correct)^gamma BCE(p, "
+    "y)."""
+    p_correct = p * y + (1 - p) * (1 - y)  # Eq. 14
+    # binary_cross_entropy clamps log at -100, so saturated sigmoids stay finite.
+    bce = torch.nn.functional.binary_cross_entropy(p, y, reduction="none")  # Eq. 12
+    return (w * (1 - p_correct).pow(gamma) * bce).mean()  # Eq. 15
+
+
+def sample_targets(
+    golden: torch.Tensor,
+    visible: torch.Tensor,
+    neg_per_pos: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample mask and labels of a batch of windows.
+
+    golden [B, N], visible [B, N] -> (mask [B, N] bool, y [B, N] float).
+
+    Every golden visible entry is a positive; neg_per_pos x max(1, #pos) negatives are
+    drawn uniformly without replacement from the non-golden visible entries.
+    """
+    pos = golden & visible
+    neg = visible & ~golden
+    n_neg = (pos.sum(1).clamp(min=1) * neg_per_pos).clamp(max=neg.sum(1))  # [B]
+    r = torch.rand(golden.shape, generator=generator)
+    r = r.masked_fill(~neg, 2.0)  # non-candidates sort last
+    rank = r.argsort(1).argsort(1)  # rank of each entry among its window's draws
+    chosen_neg = neg & (rank < n_neg[:, None])
+    return pos | chosen_neg, pos.float()
+
+
+def sample_weights(mask: torch.Tensor, rule: str) -> torch.Tensor:
+    """w_{t,s} per sample [B, N] (see the module docstring for the rule)."""
+    if rule == "uniform":
+        return mask.float()
+    per_window = mask.sum(1, keepdim=True).clamp(min=1).float()  # [B, 1]
+    n_windows = (mask.sum(1) > 0).sum().clamp(min=1)
+    return mask.float() * mask.sum() / (n_windows * per_window)
+
+
+def build_indexer_config(
+    manifest: HarvestManifest, cfg: TrainConfig
+) -> MemoryIndexerConfig:
+    """Indexer geometry from the harvest: hidden size, K^IComp width, rope, layers."""
+    g = manifest.geometry
+    layers = cfg.indexer_layers if cfg.indexer_layers is not None else g.hidden_layers
+    check_indexer_layers(g, tuple(layers))
+    rope: dict[str, Any] = {}
+    if g.rope_dim is not None:
+        rope["rope_dim"] = g.rope_dim
+    else:
+        # DeepSeek-V4 rotates the last 64 of 128 index dims; keep that half for smaller
+        # models. Harvests should record index_rope_dim (see the report).
+        rope["rope_dim"] = min(64, g.index_head_dim // 2)
+        logger.warning(
+            "manifest geometry has no index_rope_dim; assuming rope_dim=%d",
+            rope["rope_dim"],
+        )
+    if g.rope_theta is not None:
+        rope["rope_theta"] = g.rope_theta
+    if g.rope_scaling:
+        s = g.rope_scaling
+        rope["rope_factor"] = float(s.get("factor", 16.0))
+        rope["rope_original_max_position"] = int(
+            s.get("original_max_position_embeddings", 65536)
+        )
+        rope["rope_beta_fast"] = float(s.get("beta_fast", 32.0))
+        rope["rope_beta_slow"] = float(s.get("beta_slow", 1.0))
+    return MemoryIndexerConfig(
+        hidden_size=g.hidden_size,
+        rank=cfg.rank if cfg.rank is not None else max(1, g.hidden_size // 2),
+        n_heads=cfg.n_heads if cfg.n_heads is not None else g.index_n_heads,
+        head_dim=g.index_head_dim,
+        layer_ids=tuple(layers),
+        **rope,
+    )
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train, evaluate every epoch on held-out documents, checkpoint; see the module "
+    "docstring."""
+    manifest = HarvestManifest.read(cfg.data_dir)
+    icfg = build_indexer_config(manifest, cfg)
+    train_docs, val_docs = split_documents(
+        manifest.labelled_documents(), cfg.val_fraction, cfg.seed
+    )
+    train_set = [load_document(manifest, d, icfg.layer_ids) for d in train_docs]
+    val_set = [load_document(manifest, d, icfg.layer_ids) for d in val_docs]
+    epc = max(1, cfg.chunk_tokens // manifest.geometry.compress_ratio)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    model = MemoryIndexer(icfg)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    state_path = out / STATE_FILE
+    if cfg.resume and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["indexer_config"] != icfg.to_dict():
+            raise ValueError(
+                f"{state_path} was written for indexer {st['indexer_config']} but "
+                "this run "
+                f"builds {icfg.to_dict()}; use a fresh --out-dir or the original "
+                "settings."
+            )
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        rng.setstate(st["python_rng"])
+        history, start_epoch = st["history"], st["epoch"] + 1
+        logger.info("resuming from %s after epoch %d", state_path, st["epoch"])
+
+    batches = [
+        (i, s)
+        for i, d in enumerate(train_set)
+        for s in range(0, d.n_windows, cfg.batch_windows)
+    ]
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        rng.shuffle(batches)
+        model.train()
+        total, n = 0.0, 0
+        for di, s in tqdm(
+            batches,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            disable=not cfg.progress,
+            leave=False,
+        ):
+            doc = train_set[di]
+            loss = _batch_loss(model, doc, slice(s, s + cfg.batch_windows), cfg, gen)
+            if loss is None:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item(), n + 1
+        ev = evaluate_indexer(model, val_set, cfg.threshold, cfg.routing, epc).to_dict()
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / max(n, 1),
+                "seconds": time.perf_counter() - t0,
+                "eval": ev,
+            }
+        )
+        o = ev["overall"]
+        logger.info(
+            "epoch %d loss %.4f val recall %s precision %s resident %s",
+            epoch,
+            total / max(n, 1),
+            o["recall"],
+            o["precision"],
+            o["resident_fraction"],
+        )
+        model.save(out / "indexer")
+        _atomic(
+            state_path,
+            lambda p: torch.save(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "python_rng": rng.getstate(),
+                    "history": history,
+                    "indexer_config": icfg.to_dict(),
+                },
+                p,
+            ),
+        )
+        _write_outputs(out, cfg, manifest, icfg, history, train_docs, val_docs)
+
+    return TrainResult(
+        checkpoint=out / "indexer",
+        metrics_path=out / "metrics.json",
+        plot_path=out / "metrics.png",
+        indexer_config=icfg,
+        final=history[-1]["eval"] if history else {},
+        history=history,
+        train_documents=[d.doc_id for d in train_docs],
+        val_documents=[d.doc_id for d in val_docs],
+    )
+
+
+def _batch_loss(
+    model: MemoryIndexer,
+    doc: DocumentWindows,
+    sl: slice,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+) -> torch.Tensor | None:
+    visible = doc.visible_mask()[sl]  # [B, N]
+    mask, y = sample_targets(doc.golden[sl], visible, cfg.negatives_per_positive, gen)
+    if not bool(mask.any()):
+        return None  # windows with no visible history teach nothing
+    w = sample_weights(mask, cfg.sample_weighting)
+    scores = model(
+        doc.hidden[sl].transpose(0, 1), doc.positions[sl], doc.k_icomp
+    )  # [L, B, N]
+    # Every layer learns the same targets; serving takes their union (Eq. 13).
+    losses = [focal_loss(s[mask], y[mask], w[mask], cfg.focal_gamma) for s in scores]
+    return torch.stack(losses).mean()
+
+
+def _write_outputs(
+    out: Path,
+    cfg: TrainConfig,
+    manifest: HarvestManifest,
+    icfg: MemoryIndexerConfig,
+    history: list[dict[str, Any]],
+    train_docs: list,
+    val_docs: list,
+) -> None:
+    doc = {
+        "train_config": {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg).items()
+        },
+        "indexer_config": icfg.to_dict(),
+        "harvest": {
+            "model": manifest.model,
+            "labels": manifest.labels,
+            "prompt_tokens": manifest.prompt_tokens,
+        },
+        "train_documents": [d.doc_id for d in train_docs],
+        "val_documents": [d.doc_id for d in val_docs],
+        "history": history,
+        "final": history[-1]["eval"] if history else None,
+    }
+    _atomic(
+        out / "metrics.json",
+        lambda p: Path(p).write_text(json.dumps(doc, indent=2) + "\n"),
+    )
+    _atomic(out / "metrics.png", lambda p: plot_history(history, p), suffix=".png")
+
+
+def _atomic(dest: Path, write: Any, suffix: str = ".tmp") -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- CLI -------------------------------------------------------------------------
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+# field -> (type, help); defaults come from TrainConfig, never from here.
+_FLAGS: dict[str, tuple[Any, str]] = {
+    "indexer_layers": (
+        _layer_list,
+        "comma-separated indices among CSA layers (default: every harvested layer)",
+    ),
+    "rank": (int, "W_DQ rank r (default: hidden_size / 2)"),
+    "n_heads": (int, "indexer heads (default: the native indexer's)"),
+    "epochs": (int, "passes over the training windows"),
+    "batch_windows": (int, "windows per optimizer step"),
+    "lr": (float, "AdamW learning rate"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "focal_gamma": (float, "focusing parameter gamma of Eq. 15"),
+    "negatives_per_positive": (int, "random non-golden visible entries per positive"),
+    "sample_weighting": (str, "w of Eq. 15: 'window' (equal per window) or 'uniform'"),
+    "threshold": (float, "evaluation threshold of Eq. 5"),
+    "routing": (str, "cross-layer ensemble of Eq. 13: 'or' or 'mean'"),
+    "chunk_tokens": (int, "chunk size for the chunk-level counts"),
+    "val_fraction": (float, "fraction of documents held out"),
+    "seed": (int, "seed of init, split and sampling"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig(data_dir="", out_dir="")
+    parser.add_argument("data_dir", help="output directory of harvest + label")
+    parser.add_argument(
+        "--out-dir",
+        required=True,
+        help="where indexer/, metrics.json, metrics.png and train_state.pt go",
+    )
+    for name, (kind, text) in _FLAGS.items():
+        default = getattr(defaults, name)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=text if default is None else f"{text} (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUT/train_state.pt"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    values = {name: getattr(args, name) for name in _FLAGS}
+    cfg = TrainConfig(
+        data_dir=args.data_dir,
+        out_dir=args.out_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        **values,
+    )
+    res = train(cfg)
+    print(f"trained on {res.train_documents}, held out {res.val_documents}")
+    print(
+        f"{'bucket':>8} {'windows':>7} {'recall':>7} {'precision':>9} {'resident':>8}"
+    )
+    for name, b in {**res.final["buckets"], "all": res.final["overall"]}.items():
+        row = (b["recall"], b["precision"], b["resident_fraction"])
+        r, p, f = (_fmt(x) for x in row)
+        print(f"{name:>8} {b['windows']:>7} {r:>7} {p:>9} {f:>8}")
+    print(
+        f"threshold {cfg.threshold}, routing {cfg.routing}; checkpoint {res.checkpoint}"
+    )
+    print(f"metrics {res.metrics_path}, plot {res.plot_path}")
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "focal_loss",
+    "sample_targets",
+    "sample_weights",
+]
