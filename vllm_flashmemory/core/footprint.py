@@ -42,6 +42,12 @@ class KVGeometry:
                 raise ValueError(
                     f"KVGeometry.{name}={value!r} must be a non-negative integer."
                 )
+        for name in ("csa_compress_ratio", "hca_compress_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"KVGeometry.{name}={getattr(self, name)} must be at least 1 "
+                    "(tokens per compressed entry; DeepSeek-V4 uses 4 and 128)."
+                )
         if self.n_memory_indexer_layers > self.n_csa_layers:
             raise ValueError(
                 f"KVGeometry.n_memory_indexer_layers={self.n_memory_indexer_layers} "
@@ -116,6 +122,13 @@ def request_footprint(
     on the device; the full-KV baseline and the fixed baselines (recency, random)
     pass False because nothing reads them.
     """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or (
+        chunk_tokens < 1
+    ):
+        raise ValueError(
+            f"chunk_tokens={chunk_tokens!r} must be a positive integer (tokens per "
+            "CSA chunk, 'lsa.chunk_tokens'; 256 by default)."
+        )
     if context_tokens < 0 or resident_entries < 0 or resident_chunks < 0:
         raise ValueError(
             f"context_tokens={context_tokens}, resident_entries={resident_entries}, "
@@ -132,6 +145,13 @@ def request_footprint(
         raise ValueError(
             f"resident_chunks={resident_chunks} exceeds the {total_chunks} chunks of "
             f"a {context_tokens}-token context at chunk_tokens={chunk_tokens}."
+        )
+    entries_per_chunk = max(1, chunk_tokens // geometry.csa_compress_ratio)
+    if resident_entries > resident_chunks * entries_per_chunk:
+        raise ValueError(
+            f"resident_entries={resident_entries} cannot fit in resident_chunks="
+            f"{resident_chunks} of {entries_per_chunk} entries each; count the "
+            "entries of the resident chunks only."
         )
     fixed = geometry.fixed_bytes(context_tokens)
     full = entries * geometry.csa_bytes_per_entry + fixed
