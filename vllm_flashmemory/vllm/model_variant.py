@@ -1,0 +1,119 @@
+"""The model-side seam of LSA: what the DeepSeek-V4 indexer path calls (Eq. 6).
+
+Contract (also in docs/ARCHITECTURE.md, "Model seam"):
+
+- `current_residency() -> ResidencyMap | None`: the worker's residency map when an
+  `LSAConnector` is the process's KV connector, else None. Found through vLLM's
+  own accessor `vllm.distributed.kv_transfer.get_kv_transfer_group()` (also inside
+  a `MultiConnector`), so there is no new global and no import-order coupling.
+- `mask_nonresident_logits(logits, page_table)`: call on the native indexer logits
+  right before top-k. logits: [T, S] float over each token's local compressed
+  positions; page_table: [T, max_blocks] int32 physical block ids of each token's
+  request (the same table the logits kernel reads). Non-resident entries become
+  -inf, so top-k ranks only resident chunks (Eq. 6). Returns `logits` itself
+  (no copy) when nothing is evicted or no LSAConnector is present.
+- `drop_nonresident_topk(topk_indices, page_table)`: call on the top-k output
+  [T, K] (local positions, -1 padded). When fewer than K entries are resident a
+  top-k still emits -inf picks; this rewrites those to -1, in place.
+- `memory_indexer_req_ids()` and `publish_memory_indexer_scores(req_id,
+  entry_scores)`: the worker asks for Memory Indexer scores for the requests whose
+  refresh is due next step; the model variant runs the Memory Indexer (Eq. 1-4,
+  `core.memory_indexer.MemoryIndexer`) on those requests' last-token hidden states
+  at the `lsa.indexer_layers` CSA layers against their K^IComp, ORs/maxes over layers
+  (Eq. 13) and publishes one [n_entries] score vector per request.
+
+With no LSAConnector configured every function is a no-op and the model is stock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm.logger import init_logger
+
+from vllm_flashmemory.connectors.residency import ResidencyMap
+from vllm_flashmemory.connectors.types import RefreshTarget
+from vllm_flashmemory.core.residency_planner import chunk_scores_from_entries
+
+logger = init_logger(__name__)
+
+
+def _lsa_connector() -> Any | None:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None
+    agent = get_kv_transfer_group()
+    # MultiConnector keeps its children in `_connectors`.
+    for connector in (agent, *getattr(agent, "_connectors", ())):
+        # LSAConnector's worker role exposes its ResidencyMap as `residency`.
+        if isinstance(getattr(connector, "residency", None), ResidencyMap):
+            return connector
+    return None
+
+
+def current_residency() -> ResidencyMap | None:
+    connector = _lsa_connector()
+    return None if connector is None else connector.residency
+
+
+def mask_nonresident_logits(logits: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: native indexer logits restricted to resident chunks. [T, S] -> [T, S]."""
+    residency = current_residency()
+    if residency is None or not residency.any_blocked:
+        return logits
+    resident = residency.entry_mask(page_table, logits.shape[1])  # [T, S]
+    return logits.masked_fill(~resident, float("-inf"))
+
+
+def drop_nonresident_topk(topk_indices: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """Rewrite top-k picks of non-resident entries to -1, in place. [T, K] -> [T, K]."""
+    residency = current_residency()
+    if residency is None or not residency.any_blocked:
+        return topk_indices
+    width = int(page_table.shape[1]) * residency.entries_per_block
+    resident = residency.entry_mask(page_table, width)  # [T, width]
+    valid = topk_indices >= 0
+    picked = topk_indices.clamp(min=0, max=width - 1).long()
+    keep = torch.gather(resident, 1, picked) | ~valid  # [T, K]
+    topk_indices.masked_fill_(~keep, -1)
+    return topk_indices
+
+
+def memory_indexer_req_ids() -> tuple[str, ...]:
+    """Requests whose Memory Indexer scores the scheduler needs after this forward."""
+    connector = _lsa_connector()
+    return () if connector is None else connector.memory_indexer_req_ids
+
+
+def memory_indexer_targets() -> tuple[RefreshTarget, ...]:
+    """The same requests, addressed by first indexer block id and sequence length."""
+    connector = _lsa_connector()
+    return () if connector is None else connector.memory_indexer_targets
+
+
+def publish_memory_indexer_scores(
+    req_id: str, entry_scores: torch.Tensor, threshold: float, entries_per_chunk: int
+) -> None:
+    """Hand one request's Memory Indexer scores (Eq. 4, max over layers) to the
+    connector. entry_scores: [n_entries] float sigmoid scores of the request's
+    compressed CSA entries."""
+    connector = _lsa_connector()
+    if connector is None:
+        return
+    n_chunks = -(-entry_scores.numel() // entries_per_chunk)
+    chunk = chunk_scores_from_entries(entry_scores.float().cpu(), entries_per_chunk, n_chunks)
+    selected = int((entry_scores >= threshold).sum())
+    connector.record_memory_indexer_scores(req_id, tuple(chunk.tolist()), selected)
+
+
+__all__ = [
+    "current_residency",
+    "drop_nonresident_topk",
+    "mask_nonresident_logits",
+    "memory_indexer_req_ids",
+    "memory_indexer_targets",
+    "publish_memory_indexer_scores",
+]
