@@ -23,6 +23,9 @@ cd "$(dirname "$0")/.."
 
 PIP=${PIP:-.venv/bin/pip}
 if [[ "$PIP" == */* ]]; then
+    # Absolute, because the final check runs from / (lmcache/logging.py would
+    # shadow the stdlib from inside the package directory).
+    PIP=$(cd "$(dirname "$PIP")" && pwd)/$(basename "$PIP")
     PY=${PYTHON:-$(dirname "$PIP")/python}
 else
     PY=${PYTHON:-python}
