@@ -31,9 +31,24 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "vllm_flashmemory.offline.train",
         "train the Memory Indexer on harvested shards with frozen keys (Eq. 14-15)",
     ),
+    "train-backbone": (
+        "vllm_flashmemory.offline.backbone",
+        "train a small DeepSeek-V4 backbone on RULER-style retrieval tasks, then "
+        "warm up its lightning indexer by KL to the main attention",
+    ),
     "demo": (
         "vllm_flashmemory.offline.demo",
         "make-tiny, harvest, label, train and evaluate end to end on the CPU",
+    ),
+    "serve": (
+        "vllm_flashmemory.vllm.serve",
+        "serve the tiny DeepSeek-V4 (built if absent) with vLLM's OpenAI server, "
+        "the plugin and the LSAConnector on; extra arguments go to `vllm serve`",
+    ),
+    "eval": (
+        "vllm_flashmemory.offline.evaluate",
+        "accuracy vs KV footprint of full, lsa, recency, random, oracle and quest "
+        "on RULER-style tasks through the reference engine",
     ),
 }
 

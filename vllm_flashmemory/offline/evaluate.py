@@ -1,0 +1,514 @@
+"""`flashmemory eval`: accuracy vs KV footprint of LSA and its baselines (paper §3).
+
+For every (task, context length) cell it generates RULER-style samples (or reads a
+task file), prefills each prompt once through the reference engine and decodes it
+greedily with every requested method: `full`, `lsa`, `recency`, `random` (10%),
+`oracle` (top 10/25/50% of chunks by the full-KV answer's attention mass, §3.3.2)
+and `quest` (per-step page selection at the chunk budget `lsa` kept for that
+sample). Each row reports accuracy (mean score, with its standard error),
+`resident_chunk_ratio` and `kv_bytes_gpu` / `kv_bytes_full` through the one
+footprint definition (core/footprint.py).
+
+The local window and the chunk scale with the context in the paper's proportions
+(methods.scaled_window) and are printed with every cell. Results are written
+atomically after every cell; a rerun with the same --json skips completed cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_flashmemory.core.config import LSAConfig
+from vllm_flashmemory.reference.methods import (
+    Method,
+    MethodSpec,
+    parse_methods,
+    scaled_window,
+)
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+ASSET_MODEL = _PACKAGE / "assets" / "backbone"
+ASSET_INDEXER = _PACKAGE / "assets" / "backbone" / "indexer"
+FALLBACK_MODEL = Path("artifacts/tiny")
+FALLBACK_INDEXER = Path("artifacts/demo/train/indexer")
+RESULTS_FORMAT = "flashmemory-eval/1"
+_LENGTH = re.compile(r"^(\d+)([kK]?)$")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation grid; validated before any model work starts."""
+
+    tasks: tuple[str, ...]
+    # Context lengths in tokens (the CLI reads 8k as 8192).
+    lengths: tuple[int, ...]
+    methods: tuple[MethodSpec, ...]
+    json_path: str
+    plot_path: str | None = None
+    # Backbone folder; None = the committed backbone, else artifacts/tiny.
+    model: str | None = None
+    # Memory Indexer checkpoint; None = the backbone's, else the demo's.
+    indexer: str | None = None
+    # Samples per cell.
+    n: int = 8
+    # JSONL of TaskSample records instead of generated samples.
+    task_file: str | None = None
+    seed: int = 0
+    # LSA refresh interval in decode steps (the paper's 64).
+    tau: int = 64
+    # Memory Indexer threshold (Eq. 5; the paper's 0.5).
+    threshold: float = 0.5
+    # Cap on generated tokens; each sample gets its answer's length + 8 below it.
+    max_new_tokens: int = 48
+    prefill_chunk_tokens: int = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("--tasks is empty; name at least one task, e.g. niah_single_1.")
+        if not self.lengths or any(x < 16 for x in self.lengths):
+            raise ValueError(
+                f"--lengths {list(self.lengths)} must list context lengths of at "
+                "least 16 tokens, e.g. 8k,16k,32k."
+            )
+        if not self.methods:
+            raise ValueError("--methods is empty; use e.g. full,lsa,recency,random,oracle,quest.")
+        for name in ("n", "tau", "max_new_tokens", "prefill_chunk_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a positive integer.")
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """`8k,16k,2048` -> (8192, 16384, 2048)."""
+    out = []
+    for raw in (t.strip() for t in text.split(",")):
+        if not raw:
+            continue
+        m = _LENGTH.match(raw)
+        if m is None:
+            raise ValueError(
+                f"--lengths item {raw!r} is not a token count; write e.g. 8k or 8192."
+            )
+        out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
+    return tuple(out)
+
+
+def resolve_model_paths(model: str | None, indexer: str | None) -> tuple[Path, Path | None]:
+    """The backbone and indexer to evaluate, with the defaults of the module doc."""
+    if model is None:
+        if (ASSET_MODEL / "config.json").is_file():
+            model_path = ASSET_MODEL
+        elif (FALLBACK_MODEL / "config.json").is_file():
+            model_path = FALLBACK_MODEL
+        else:
+            raise FileNotFoundError(
+                f"no backbone found: neither {ASSET_MODEL} (the committed backbone) "
+                f"nor {FALLBACK_MODEL} exists; pass --model DIR, or build the default "
+                "with `flashmemory demo` (it writes artifacts/tiny and the indexer)."
+            )
+    else:
+        model_path = Path(model)
+        if not (model_path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model!r} holds no config.json; pass a model folder such as "
+                "one written by `flashmemory make-tiny DIR`."
+            )
+    if indexer is not None:
+        return model_path, Path(indexer)
+    for candidate in (model_path / "indexer", ASSET_INDEXER, FALLBACK_INDEXER):
+        if (candidate / "config.json").is_file():
+            return model_path, candidate
+    return model_path, None
+
+
+# ---- results file -------------------------------------------------------------------
+
+
+def cell_key(row: dict[str, Any]) -> tuple[str, int, str]:
+    return (str(row["task"]), int(row["context_tokens"]), str(row["method"]))
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise ValueError(
+            f"--json {str(p)!r} exists but is not a `flashmemory eval` results file "
+            f"(format {RESULTS_FORMAT!r}); pick another path or remove it."
+        )
+    return list(data["rows"])
+
+
+def write_rows(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": RESULTS_FORMAT, "rows": list(rows)}, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---- per-cell accumulation ------------------------------------------------------------
+
+
+@dataclass
+class _CellStats:
+    scores: list[float] = field(default_factory=list)
+    resident_chunks: list[float] = field(default_factory=list)
+    total_chunks: list[float] = field(default_factory=list)
+    kv_bytes_gpu: list[float] = field(default_factory=list)
+    kv_bytes_full: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def add(self, score: float, result: Any, prefill_seconds: float) -> None:
+        self.scores.append(float(score))
+        self.resident_chunks.append(result.resident_chunks)
+        self.total_chunks.append(result.total_chunks)
+        self.kv_bytes_gpu.append(result.kv_bytes_gpu)
+        self.kv_bytes_full.append(result.kv_bytes_full)
+        # Wall time of this method for one sample: the shared prefill + its decode.
+        self.seconds.append(prefill_seconds + result.seconds)
+
+    def row(self, task: str, length: int, label: str, extra: dict[str, Any]) -> dict[str, Any]:
+        n = len(self.scores)
+        acc = sum(self.scores) / n
+        var = sum((s - acc) ** 2 for s in self.scores) / (n - 1) if n > 1 else 0.0
+        gpu = sum(self.kv_bytes_gpu) / n
+        full = sum(self.kv_bytes_full) / n
+        total = sum(self.total_chunks)
+        return {
+            "task": task,
+            "context_tokens": length,
+            "method": label,
+            "accuracy": acc,
+            "accuracy_stderr": math.sqrt(var / n),
+            # Summed over requests (DESIGN.md "Footprint").
+            "resident_chunk_ratio": sum(self.resident_chunks) / total if total else 1.0,
+            "kv_bytes_gpu": gpu,
+            "kv_bytes_full": full,
+            "kv_bytes_ratio": gpu / full if full else 1.0,
+            "n": n,
+            "seconds_per_sample": sum(self.seconds) / n,
+            **extra,
+        }
+
+
+def _method_order(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """full first (oracle needs its attention), lsa before quest (quest's budget)."""
+    rank = {Method.FULL: 0, Method.LSA: 1}
+    return sorted(specs, key=lambda s: rank.get(s.method, 2))
+
+
+def run_eval(
+    cfg: EvalConfig,
+    *,
+    engine_factory: Callable[[LSAConfig], Any] | None = None,
+    tokenizer: Any = None,
+    print_fn: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Evaluate every missing cell; returns all rows (old and new)."""
+    from tqdm import tqdm
+
+    from vllm_flashmemory.offline import tasks as task_lib
+
+    rows = read_rows(cfg.json_path)
+    done = {cell_key(r) for r in rows}
+    unknown = [t for t in cfg.tasks if t not in task_lib.TASKS]
+    if unknown:
+        raise ValueError(
+            f"--tasks names {unknown}, which are not tasks; choose from "
+            f"{', '.join(task_lib.TASKS)}."
+        )
+    todo = [
+        (task, length)
+        for task in cfg.tasks
+        for length in cfg.lengths
+        if any((task, length, s.label) not in done for s in cfg.methods)
+    ]
+    if not todo:
+        print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
+        return rows
+    needs_indexer = any(s.method in (Method.LSA, Method.QUEST) for s in cfg.methods)
+    if engine_factory is None or tokenizer is None:
+        engine_factory, tokenizer = _default_engine(cfg, needs_indexer, print_fn)
+    file_samples = None
+    if cfg.task_file is not None:
+        file_samples = task_lib.read_task_file(cfg.task_file)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
+    for task, length in tqdm(todo, desc="eval cells", disable=not cfg.progress):
+        window = scaled_window(length)
+        print_fn(f"[{task} @ {length}] {window.describe()}, tau {cfg.tau}")
+        lsa = LSAConfig(
+            tau=cfg.tau,
+            threshold=cfg.threshold,
+            local_window_tokens=window.local_window_tokens,
+            chunk_tokens=window.chunk_tokens,
+            indexer_layers=_indexer_layers(engine_factory),
+        )
+        engine = engine_factory(lsa)
+        specs = _method_order([s for s in cfg.methods if (task, length, s.label) not in done])
+        if file_samples is not None:
+            samples = _file_cell(file_samples, task, length, cfg.lengths, count_tokens)[: cfg.n]
+        else:
+            samples = task_lib.generate(task, length, cfg.n, cfg.seed, count_tokens)
+        if not samples:
+            print_fn(f"[{task} @ {length}] no samples; skipped.")
+            continue
+        stats = {s.label: _CellStats() for s in specs}
+        bar = tqdm(samples, desc=f"{task}@{length}", leave=False, disable=not cfg.progress)
+        for sample in bar:
+            _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg)
+        extra = {
+            "chunk_tokens": window.chunk_tokens,
+            "local_window_tokens": window.local_window_tokens,
+            "tau": cfg.tau,
+            "threshold": cfg.threshold,
+        }
+        for spec in specs:
+            rows.append(stats[spec.label].row(task, length, spec.label, extra))
+        write_rows(cfg.json_path, rows)
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+    return rows
+
+
+def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConfig) -> None:
+    prompt = tokenizer(build_prompt(sample)).input_ids
+    answer_tokens = max(len(tokenizer(a).input_ids) for a in sample.answers)
+    limit = min(cfg.max_new_tokens, answer_tokens + 8)
+    prefill = engine.prefill(prompt)
+    labels = {s.label for s in specs}
+    need_full = any(s.method is Method.ORACLE for s in specs) or "full" in labels
+    need_lsa = any(s.method is Method.QUEST for s in specs) or "lsa" in labels
+    full = lsa = None
+    if need_full:
+        full = engine.generate(prefill, MethodSpec(Method.FULL), max_new_tokens=limit,
+                               record_attention=True)
+    if need_lsa:
+        lsa = engine.generate(prefill, MethodSpec(Method.LSA), max_new_tokens=limit)
+    for spec in specs:
+        if spec.method is Method.FULL:
+            result = full
+        elif spec.method is Method.LSA:
+            result = lsa
+        elif spec.method is Method.ORACLE:
+            result = engine.generate(prefill, spec, max_new_tokens=limit,
+                                     oracle_chunk_mass=full.chunk_attention_mass)
+        elif spec.method is Method.QUEST:
+            budget = round(lsa.mean_selected_chunks)
+            result = engine.generate(
+                prefill, MethodSpec(Method.QUEST, quest_budget_chunks=budget),
+                max_new_tokens=limit,
+            )
+        else:
+            result = engine.generate(prefill, spec, max_new_tokens=limit)
+        text = tokenizer.decode(list(result.tokens), skip_special_tokens=True)
+        stats[spec.label].add(task_lib.score(sample, text), result, prefill.seconds)
+
+
+def build_prompt(sample: Any) -> str:
+    """The prompt the backbone reads: the context, then the question on a new line."""
+    return f"{sample.context}\n{sample.question}"
+
+
+def _file_cell(samples, task: str, length: int, lengths: Sequence[int], count_tokens) -> list:
+    """Task-file samples of `task` whose prompt length is nearest to `length`."""
+    out = []
+    for s in samples:
+        if s.task != task:
+            continue
+        n = count_tokens(build_prompt(s))
+        if min(lengths, key=lambda x: abs(x - n)) == length:
+            out.append(s)
+    return out
+
+
+def _indexer_layers(engine_factory) -> tuple[int, ...]:
+    layers = getattr(engine_factory, "indexer_layers", None)
+    return tuple(layers) if layers else (0,)
+
+
+def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_flashmemory.core.memory_indexer import MemoryIndexer
+    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+    from vllm_flashmemory.reference.engine import EngineConfig, ReferenceEngine
+
+    model_path, indexer_path = resolve_model_paths(cfg.model, cfg.indexer)
+    if needs_indexer and indexer_path is None:
+        raise FileNotFoundError(
+            f"methods lsa/quest need a Memory Indexer and none was found next to "
+            f"{model_path}, in {ASSET_INDEXER} or in {FALLBACK_INDEXER}; pass "
+            "--indexer DIR or run `flashmemory demo` to train one."
+        )
+    print_fn(f"model {model_path}, indexer {indexer_path}")
+    torch.manual_seed(cfg.seed)
+    model = load_hf_model(model_path)
+    indexer = MemoryIndexer.load(indexer_path) if indexer_path is not None else None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+
+    def factory(lsa: LSAConfig):
+        ecfg = EngineConfig(lsa=lsa, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        return ReferenceEngine(model, ecfg, indexer)
+
+    factory.indexer_layers = (  # type: ignore[attr-defined]
+        tuple(indexer.config.layer_ids) if indexer is not None else (0,)
+    )
+    return factory, tokenizer
+
+
+# ---- report ---------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = (
+        f"{'task':<18}{'ctx':>7} {'method':<10}{'accuracy':>16}{'resident':>10}"
+        f"{'kv_gpu MiB':>12}{'kv ratio':>10}{'n':>4}{'s/sample':>10}{'chunk':>7}{'local':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["task"], r["context_tokens"], r["method"])):
+        acc = f"{r['accuracy']:.3f}±{r['accuracy_stderr']:.3f}"
+        lines.append(
+            f"{r['task']:<18}{r['context_tokens']:>7} {r['method']:<10}{acc:>16}"
+            f"{r['resident_chunk_ratio']:>10.3f}{r['kv_bytes_gpu'] / 2**20:>12.2f}"
+            f"{r['kv_bytes_gpu'] / r['kv_bytes_full']:>10.3f}{r['n']:>4}"
+            f"{r.get('seconds_per_sample', float('nan')):>10.1f}"
+            f"{r.get('chunk_tokens', 0):>7}{r.get('local_window_tokens', 0):>7}"
+        )
+    return "\n".join(lines)
+
+
+def plot_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Accuracy against KV footprint (kv_bytes_gpu / kv_bytes_full), one series per
+    method, one point per context length averaged over tasks (cf. the paper's Fig. 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["context_tokens"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({m for m, _ in groups}):
+        pts = sorted((ctx, g) for (m, ctx), g in groups.items() if m == method)
+        xs = [100 * sum(r["kv_bytes_gpu"] / r["kv_bytes_full"] for r in g) / len(g) for _, g in pts]
+        ys = [100 * sum(r["accuracy"] for r in g) / len(g) for _, g in pts]
+        ax.plot(xs, ys, marker="o", label=method)
+        for (ctx, _), x, y in zip(pts, xs, ys):
+            ax.annotate(f"{ctx // 1024}K" if ctx >= 1024 else str(ctx), (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KV cache on device, % of full KV (kv_bytes_gpu / kv_bytes_full)")
+    ax.set_ylabel("accuracy, % (mean over tasks)")
+    settings = sorted({(r.get("context_tokens"), r.get("chunk_tokens"), r.get("local_window_tokens")) for r in rows})
+    ax.set_title("Accuracy vs KV footprint; " + "; ".join(
+        f"{c}: chunk {ch}, local {lw}" for c, ch, lw in settings), fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+# ---- CLI ------------------------------------------------------------------------------
+
+_D = EvalConfig.__dataclass_fields__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated task names (RULER: niah_single_1, vt, cwe, ...)")
+    parser.add_argument("--lengths", default="8k,16k,32k",
+                        help="comma-separated context lengths, e.g. 8k,16k,32k (default: %(default)s)")
+    parser.add_argument("--methods", default="full,lsa,recency,random,oracle,quest",
+                        help="comma-separated methods; oracle = oracle10,oracle25,oracle50 "
+                        "(default: %(default)s)")
+    parser.add_argument("--json", required=True, help="results file; rerun to resume")
+    parser.add_argument("--plot", help="accuracy-vs-footprint PNG to write")
+    parser.add_argument("--model", help="backbone folder (default: the committed backbone, "
+                        "else artifacts/tiny)")
+    parser.add_argument("--indexer", help="Memory Indexer checkpoint (default: the "
+                        "backbone's, else artifacts/demo/train/indexer)")
+    parser.add_argument("--n", type=int, default=_D["n"].default,
+                        help="samples per cell (default: %(default)s)")
+    parser.add_argument("--task-file", help="JSONL of task samples instead of generated ones")
+    parser.add_argument("--seed", type=int, default=_D["seed"].default,
+                        help="seed of samples and of the random method (default: %(default)s)")
+    parser.add_argument("--tau", type=int, default=_D["tau"].default,
+                        help="LSA refresh interval in decode steps (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=_D["threshold"].default,
+                        help="Memory Indexer threshold, Eq. 5 (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=_D["max_new_tokens"].default,
+                        help="cap on generated tokens (default: %(default)s)")
+    parser.add_argument("--prefill-chunk-tokens", type=int,
+                        default=_D["prefill_chunk_tokens"].default,
+                        help="prompt tokens per prefill forward (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = EvalConfig(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        lengths=parse_lengths(args.lengths),
+        methods=parse_methods(args.methods),
+        json_path=args.json,
+        plot_path=args.plot,
+        model=args.model,
+        indexer=args.indexer,
+        n=args.n,
+        task_file=args.task_file,
+        seed=args.seed,
+        tau=args.tau,
+        threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
+        progress=not args.no_progress,
+    )
+    t0 = time.perf_counter()
+    rows = run_eval(cfg)
+    print(format_table(rows))
+    if cfg.plot_path and rows:
+        print(f"plot {plot_rows(rows, cfg.plot_path)}")
+    print(f"results {cfg.json_path} ({len(rows)} rows) in {time.perf_counter() - t0:.1f} s")
+    return 0
