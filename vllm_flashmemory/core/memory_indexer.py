@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_flashmemory.core.atomic import atomic_write
 from vllm_flashmemory.core.rotation import hadamard_matrix
 from vllm_flashmemory.triton_ops.memory_indexer_score import (
     combine_layers_ref,
@@ -338,9 +338,9 @@ class MemoryIndexer(nn.Module):
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
         meta = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
         tag = {"format": CHECKPOINT_FORMAT}
-        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=tag))
+        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=tag))
         text = json.dumps(meta, indent=2) + "\n"
-        _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
+        atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
         return out
 
     @classmethod
@@ -373,17 +373,6 @@ class MemoryIndexer(nn.Module):
         _check_state(model, state, p)
         model.load_state_dict({k: v.float() for k, v in state.items()})
         return model.to(map_location)
-
-
-def _atomic_write(dest: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_native(p: Path) -> tuple[MemoryIndexerConfig, dict[str, torch.Tensor]]:

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+from vllm_flashmemory.core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +163,9 @@ def save_checkpoint(
         k: (v.to(dtype) if v.is_floating_point() else v.to(torch.int32)).contiguous()
         for k, v in state.items()
     }
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, {"format": "pt"}))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, {"format": "pt"}))
     text = json.dumps(official_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
     return out
 
 
@@ -237,14 +238,3 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner._buffers[leaf] = value
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; vLLM may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -22,13 +22,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_flashmemory.core.atomic import atomic_write, atomic_write_text
 from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.reference.methods import (
     Method,
@@ -159,16 +159,7 @@ def write_rows(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"format": RESULTS_FORMAT, "rows": list(rows)}, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(p, text)
 
 
 # ---- per-cell accumulation ------------------------------------------------------------
@@ -437,16 +428,11 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> P
     ax.legend(fontsize=8)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"),
+                     suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

@@ -17,18 +17,16 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from vllm_flashmemory.dsv4.capture import IndexerCapture, chunked_forward, mask_to_doc
 from vllm_flashmemory.dsv4.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_hf_model
+from vllm_flashmemory.core.atomic import atomic_save_tensors, atomic_write_text
 from vllm_flashmemory.core.rotation import hadamard_rotate
 from vllm_flashmemory.offline.documents import Document, read_jsonl, synthetic_documents
 
@@ -163,7 +161,7 @@ def harvest(
         for entry, old_entry in zip(manifest["documents"], old["documents"]):
             entry["complete"] = old_entry["complete"]
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST, manifest)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     if model is None:
         model = load_hf_model(cfg.model)
@@ -177,7 +175,7 @@ def harvest(
             continue
         _harvest_document(cfg, model, entry, torch.tensor(ids), out, geometry, bar, on_shard_written)
         entry["complete"] = True
-        _write_json(out / MANIFEST, manifest)
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     bar.close()
     logger.info("harvested %d tokens in %.1f s", total, time.perf_counter() - t0)
     return manifest
@@ -215,36 +213,18 @@ def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_writt
                     ))
                     if hi == p0 + (shard + 1) * per or hi == n_tokens:
                         tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
-                        _atomic_save(tensors, doc_dir / _shard_name(shard))
+                        atomic_save_tensors(doc_dir / _shard_name(shard), tensors)
                         pending = {k: [] for k in pending}
                         if on_shard_written is not None:
                             on_shard_written(entry["doc_id"], shard)
                 lo = hi
         # [L_csa, N_doc, Dk]: all entries are emitted once the last chunk ran.
         k_icomp = torch.stack([hadamard_rotate(c.k_icomp[:n_entries]) for c in cap.layers])
-    _atomic_save({"k_icomp": k_icomp.contiguous()}, doc_dir / KEYS_FILE)
+    atomic_save_tensors(doc_dir / KEYS_FILE, {"k_icomp": k_icomp.contiguous()})
 
 
 def _shard_name(k: int) -> str:
     return f"shard{k:05d}.safetensors"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may be other users
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_manifest(out: Path) -> dict | None:

@@ -10,12 +10,12 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from vllm_flashmemory.core.atomic import atomic_save_tensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
     Streams one shard at a time, so memory is bounded by a shard, not a document.
     Returns summary statistics (windows, golden entries per window, golden fraction).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from tqdm import tqdm
 
     root = Path(root)
@@ -212,17 +212,16 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
         n_windows += W
         n_golden += int((labels & visible_at_query).sum())
         n_visible += int(visible_at_query.sum())
-        _atomic_save(
-            save_file,
-            {"golden": labels, "query_positions": query_positions.to(torch.int64)},
+        atomic_save_tensors(
             doc_dir / "labels.safetensors",
+            {"golden": labels, "query_positions": query_positions.to(torch.int64)},
         )
     manifest["labels"] = {
         "top_p": config.top_p,
         "min_votes": config.min_votes,
         "tau": config.tau,
     }
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     summary = {
         "documents": len(docs),
         "windows": n_windows,
@@ -231,24 +230,6 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
     }
     logger.info("labelled %s", summary)
     return summary
-
-
-def _atomic_save(save_file, tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

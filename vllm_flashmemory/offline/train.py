@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from vllm_flashmemory.core.atomic import atomic_write
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from vllm_flashmemory.offline.dataset import (
     DocumentWindows,
@@ -303,7 +302,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             o["resident_fraction"],
         )
         model.save(out / "indexer")
-        _atomic(
+        atomic_write(
             state_path,
             lambda p: torch.save(
                 {
@@ -377,22 +376,11 @@ def _write_outputs(
         "history": history,
         "final": history[-1]["eval"] if history else None,
     }
-    _atomic(
+    atomic_write(
         out / "metrics.json",
         lambda p: Path(p).write_text(json.dumps(doc, indent=2) + "\n"),
     )
-    _atomic(out / "metrics.png", lambda p: plot_history(history, p), suffix=".png")
-
-
-def _atomic(dest: Path, write: Any, suffix: str = ".tmp") -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out / "metrics.png", lambda p: plot_history(history, p), suffix=".png")
 
 
 # ---- CLI -------------------------------------------------------------------------
