@@ -187,7 +187,8 @@ class LSAConnectorScheduler:
                     "installed?)."
                 )
                 n = planner.total_chunks(req_id)
-                plan = planner.refresh(req_id, torch.ones(n, dtype=torch.float32))
+                scores = torch.ones(n, dtype=torch.float32)
+                plan = planner.refresh(req_id, scores)
         else:
             plan = planner.refresh(req_id, scores)
         if self._trace.enabled:

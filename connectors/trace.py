@@ -44,4 +44,4 @@ class LSATrace:
             f.write(json.dumps(record) + "\n")
 
 
-__all__ = ["LSATrace", "TRACE_DIR_ENV"]
+__all__ = ["TRACE_DIR_ENV", "LSATrace"]

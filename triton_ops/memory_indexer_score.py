@@ -218,7 +218,7 @@ def memory_indexer_select_ref(
     Same arguments, shapes and result as `memory_indexer_select`.
     """
     _check_select_args(q, w, k, k_scale, threshold, entries_per_chunk, routing)
-    L, N = k.shape[0], k.shape[1]
+    N = k.shape[1]
     scores = memory_indexer_scores_ref(q[:, None], w[:, None], k, k_scale)  # [L, 1, N]
     comb = combine_layers_ref(scores, routing)[0]  # [N]
     selected = comb >= threshold  # Eq. 5: I >= threshold

@@ -1,5 +1,7 @@
-"""In-process E2E: LSAConnector on the tiny DSV4 with a scripted Memory Indexer score
-source (the model-variant capture is not built yet), to show the data path."""
+"""In-process E2E: LSAConnector on the tiny DSV4 (dummy weights) driven by a
+scripted score source (one rotating selected chunk per refresh), to show the data
+path. The model variant's in-engine Memory Indexer scores are dropped here
+(tests/vllm/test_serve_e2e.py covers those)."""
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 if __name__ == "__main__":
@@ -14,13 +16,16 @@ if __name__ == "__main__":
     from vllm_flashmemory.connectors import worker as W, lsa_connector as C
     seen = {"levels": [], "fetched_chunks": 0, "fetched_bytes": 0, "stored": 0, "evicted": 0, "refreshes": 0}
     orig_step = W.LSAConnectorWorker.start_step
+    orig_record = W.LSAConnectorWorker.record_scores
     def start_step(self, meta):
         orig_step(self, meta)
         for req_id in self.refresh_req_ids:  # scripted scores: rotate over chunks 1..3
             sel = 1 + seen["refreshes"] % 3
             seen["refreshes"] += 1
-            self.record_scores(req_id, tuple(0.9 if c == sel else 0.1 for c in range(32)), 64)
+            orig_record(self, req_id, tuple(0.9 if c == sel else 0.1 for c in range(32)), 64)
     W.LSAConnectorWorker.start_step = start_step
+    # Drop the model variant's own scores: this run checks the scripted data path.
+    W.LSAConnectorWorker.record_scores = lambda self, *args, **kwargs: None
     orig_stats = C.LSAConnector.get_kv_connector_stats
     def stats(self):
         s = orig_stats(self)

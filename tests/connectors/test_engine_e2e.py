@@ -2,9 +2,9 @@
 
 Scenario (slow, ~60 s): the engine starts with --kv-transfer-config LSAConnector
 (registered by the plugin entry point), the CPU overrides run the DSV4 forward, and
-a scripted Memory Indexer score source (the model variant's capture is not built
-yet) drives refreshes: stats must show resident_chunk_ratio < 1, stored and fetched
-chunks > 0.
+scripted Memory Indexer scores (the model variant's own are dropped; see
+tests/vllm/test_serve_e2e.py for those) drive refreshes: stats must show
+resident_chunk_ratio < 1, stored and fetched chunks > 0.
 """
 
 from __future__ import annotations

