@@ -174,6 +174,10 @@ class LSAPromMetrics(KVConnectorPromMetrics):
             "Resident CSA chunks / all CSA chunks over live requests "
             "(1 = nothing offloaded).",
         )
+        # Before the first request nothing is offloaded: read 1, not the 0 a fresh
+        # gauge would show (a dashboard would take 0 for "everything offloaded").
+        for engine_gauge in self.ratio_gauge.values():
+            engine_gauge.set(1.0)
         self.level_gauges: dict[str, dict[int, Any]] = {
             "resident_chunks": gauge(
                 "vllm:flashmemory_resident_chunks",

@@ -131,7 +131,7 @@ def test_observe_with_fake_metric_classes(fake_metrics) -> None:
     assert created["vllm:flashmemory_fallbacks"].increments == [1]
     assert created["vllm:flashmemory_resident_chunks"].sets == [3]
     assert created["vllm:flashmemory_cold_chunks"].sets == [9]
-    assert created["vllm:flashmemory_resident_chunk_ratio"].sets == [0.25]
+    assert created["vllm:flashmemory_resident_chunk_ratio"].sets == [1.0, 0.25]
     assert created["vllm:flashmemory_fetch_seconds"].observations == [0.004, 0.002]
     for name in (
         "vllm:flashmemory_resident_chunk_ratio",
@@ -145,10 +145,12 @@ def test_observe_with_fake_metric_classes(fake_metrics) -> None:
 
 def test_observe_without_levels_leaves_gauges_alone(fake_metrics) -> None:
     metrics, created = fake_metrics
+    # the ratio starts at 1 (nothing offloaded), not at a fresh gauge's 0
+    assert created["vllm:flashmemory_resident_chunk_ratio"].sets == [1.0]
     stats = LSAKVConnectorStats()
     stats.record_stores(2)
     metrics.observe(stats.to_dict())
-    assert created["vllm:flashmemory_resident_chunk_ratio"].sets == []
+    assert created["vllm:flashmemory_resident_chunk_ratio"].sets == [1.0]
     assert created["vllm:flashmemory_stored_chunks"].increments == [2]
 
 

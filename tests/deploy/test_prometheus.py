@@ -47,8 +47,8 @@ def test_resident_chunk_ratio_through_prometheus(prometheus_server) -> None:
     assert labels["model_name"] == str(s.model) and labels["engine"] == "0"
     assert 0 <= float(series[0]["value"][1]) <= 1
 
-    # Ratio samples taken while the request held CSA chunks (the gauge reads 0
-    # before the first report and 1 once no request is live).
+    # Ratio samples taken while the request held CSA chunks (the gauge reads 1,
+    # nothing offloaded, before the first request and once no request is live).
     during = (
         "vllm:flashmemory_resident_chunk_ratio and "
         "(vllm:flashmemory_resident_chunks + vllm:flashmemory_cold_chunks > 0)"
