@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from triton_test_utils import DEVICE
 
 from vllm_flashmemory.triton_ops.chunk_copy import (
     gather_chunks,

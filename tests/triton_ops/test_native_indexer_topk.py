@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, make_k_icomp
+from triton_test_utils import DEVICE, assert_close, make_k_icomp
 
 from vllm_flashmemory.triton_ops.native_indexer_topk import (
     native_indexer_topk,
