@@ -46,7 +46,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "the plugin and the LSAConnector on; extra arguments go to `vllm serve`",
     ),
     "eval": (
-        "vllm_flashmemory.offline.evaluate",
+        "vllm_flashmemory.reference.evaluate",
         "accuracy vs KV footprint of full, lsa, recency, random, oracle and quest "
         "on RULER-style tasks through the reference engine",
     ),

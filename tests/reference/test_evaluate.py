@@ -25,7 +25,7 @@ import vllm_flashmemory.offline as offline_pkg
 from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from vllm_flashmemory.dsv4.tiny import TINY, build_model
-from vllm_flashmemory.offline import evaluate
+from vllm_flashmemory.reference import evaluate
 from vllm_flashmemory.reference.engine import EngineConfig, ReferenceEngine
 from vllm_flashmemory.reference.methods import parse_methods
 
@@ -170,3 +170,20 @@ def test_missing_backbone_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "FALLBACK_MODEL", tmp_path / "none2")
     with pytest.raises(FileNotFoundError, match="flashmemory demo"):
         evaluate.resolve_model_paths(None, None)
+
+
+def test_indexer_is_paired_only_with_its_own_backbone(tmp_path, monkeypatch):
+    asset, tiny = tmp_path / "asset", tmp_path / "tiny"
+    tiny_indexer = tmp_path / "demo_indexer"
+    for folder in (asset, tiny, tiny_indexer):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "ASSET_MODEL", asset)
+    monkeypatch.setattr(evaluate, "ASSET_INDEXER", asset / "indexer")
+    monkeypatch.setattr(evaluate, "FALLBACK_MODEL", tiny)
+    monkeypatch.setattr(evaluate, "FALLBACK_INDEXER", tiny_indexer)
+    # the committed backbone has no indexer: the default is the pair that is complete
+    assert evaluate.resolve_model_paths(None, None) == (tiny, tiny_indexer)
+    # an explicit backbone never borrows another model's indexer
+    assert evaluate.resolve_model_paths(str(asset), None) == (asset, None)
+    assert evaluate.resolve_model_paths(str(tiny), None) == (tiny, tiny_indexer)

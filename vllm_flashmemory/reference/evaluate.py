@@ -108,28 +108,36 @@ def parse_lengths(text: str) -> tuple[int, ...]:
 
 
 def resolve_model_paths(model: str | None, indexer: str | None) -> tuple[Path, Path | None]:
-    """The backbone and indexer to evaluate, with the defaults of the module doc."""
+    """The backbone and indexer to evaluate, with the defaults of the module doc.
+
+    An indexer is only ever paired with the backbone it was trained for: the
+    committed backbone with its own `indexer/`, artifacts/tiny with the demo's.
+    """
+    pairs = ((ASSET_MODEL, ASSET_INDEXER), (FALLBACK_MODEL, FALLBACK_INDEXER))
     if model is None:
-        if (ASSET_MODEL / "config.json").is_file():
-            model_path = ASSET_MODEL
-        elif (FALLBACK_MODEL / "config.json").is_file():
-            model_path = FALLBACK_MODEL
-        else:
+        found = [(m, i) for m, i in pairs if (m / "config.json").is_file()]
+        if not found:
             raise FileNotFoundError(
                 f"no backbone found: neither {ASSET_MODEL} (the committed backbone) "
                 f"nor {FALLBACK_MODEL} exists; pass --model DIR, or build the default "
                 "with `flashmemory demo` (it writes artifacts/tiny and the indexer)."
             )
-    else:
-        model_path = Path(model)
-        if not (model_path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--model {model!r} holds no config.json; pass a model folder such as "
-                "one written by `flashmemory make-tiny DIR`."
-            )
+        if indexer is not None:
+            return found[0][0], Path(indexer)
+        with_indexer = [(m, i) for m, i in found if (i / "config.json").is_file()]
+        model_path, paired = (with_indexer or found)[0]
+        return model_path, paired if (paired / "config.json").is_file() else None
+    model_path = Path(model)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model!r} holds no config.json; pass a model folder such as "
+            "one written by `flashmemory make-tiny DIR`."
+        )
     if indexer is not None:
         return model_path, Path(indexer)
-    for candidate in (model_path / "indexer", ASSET_INDEXER, FALLBACK_INDEXER):
+    candidates = [model_path / "indexer"]
+    candidates += [i for m, i in pairs if m.resolve() == model_path.resolve()]
+    for candidate in candidates:
         if (candidate / "config.json").is_file():
             return model_path, candidate
     return model_path, None
