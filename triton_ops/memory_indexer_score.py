@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_qwk_dtypes
+
 
 def dequantize_k_icomp(k: torch.Tensor, k_scale: torch.Tensor | None) -> torch.Tensor:
     """K^IComp as DeepSeek-V4 caches it (fp8 e4m3 + one fp32 scale per entry) -> fp32.
@@ -80,8 +82,6 @@ _COMPACT_BLOCK_CHUNKS = 1024
 # heads] accumulator; beyond these the tiles would spill.
 _MAX_HEAD_DIM = 256
 _MAX_HEADS = 256
-_K_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32)
-_Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class ChunkSelection(NamedTuple):
@@ -165,17 +165,7 @@ def _check_select_args(
             f"{op}: k_scale must be [L, N] = {list(k.shape[:2])}; got "
             f"{tuple(k_scale.shape)}."
         )
-    if q.dtype not in _Q_DTYPES or w.dtype not in _Q_DTYPES:
-        raise TypeError(
-            f"{op}: q ({q.dtype}) and w ({w.dtype}) must be bf16, fp16 or fp32."
-        )
-    if k.dtype not in _K_DTYPES:
-        raise TypeError(
-            f"{op}: k has dtype {k.dtype}; use float8_e4m3fn (with k_scale), bf16, "
-            "fp16 or fp32."
-        )
-    if k_scale is not None and k_scale.dtype != torch.float32:
-        raise TypeError(f"{op}: k_scale must be float32; got {k_scale.dtype}.")
+    check_qwk_dtypes(op, q, w, k, k_scale)
     tensors = [q, w, k] + ([k_scale] if k_scale is not None else [])
     devices = {t.device for t in tensors}
     if len(devices) != 1:

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_qwk_dtypes
 from .memory_indexer_score import (
     _MAX_HEAD_DIM,
     _MAX_HEADS,
@@ -39,8 +40,6 @@ _TOPK_NUM_WARPS = 4
 _TOPK_PROGRAMS_PER_SM = 3
 _TOPK_NUM_STAGES = 3
 _INT64_MIN = -(2**63)
-_K_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32)
-_Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class NativeTopK(NamedTuple):
@@ -75,17 +74,7 @@ def _check_topk_args(
         raise ValueError(
             f"{op}: k_scale must be [N] = [{k.shape[0]}]; got {tuple(k_scale.shape)}."
         )
-    if q.dtype not in _Q_DTYPES or w.dtype not in _Q_DTYPES:
-        raise TypeError(
-            f"{op}: q ({q.dtype}) and w ({w.dtype}) must be bf16, fp16 or fp32."
-        )
-    if k.dtype not in _K_DTYPES:
-        raise TypeError(
-            f"{op}: k has dtype {k.dtype}; use float8_e4m3fn (with k_scale), bf16, "
-            "fp16 or fp32."
-        )
-    if k_scale is not None and k_scale.dtype != torch.float32:
-        raise TypeError(f"{op}: k_scale must be float32; got {k_scale.dtype}.")
+    check_qwk_dtypes(op, q, w, k, k_scale)
     if (
         isinstance(entries_per_chunk, bool)
         or not isinstance(entries_per_chunk, int)
