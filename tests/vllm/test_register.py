@@ -18,7 +18,6 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-import pytest
 
 
 def test_entry_point_is_discoverable() -> None:
@@ -136,15 +135,3 @@ def test_model_variant_hook_registers_lazily_once(monkeypatch) -> None:
         assert "not_imported_pkg" not in sys.modules
     finally:
         ModelRegistry.models[arch] = original
-
-
-def test_no_model_variant_leaves_vllm_model() -> None:
-    from vllm import ModelRegistry
-
-    import vllm_flashmemory.vllm as plugin
-
-    if plugin.MODEL_VARIANT is not None:
-        pytest.skip("the model variant is registered: covered by the hook test")
-    plugin.register()
-    entry = ModelRegistry.models[plugin.MODEL_ARCH]
-    assert entry.module_name == "vllm.models.deepseek_v4"
