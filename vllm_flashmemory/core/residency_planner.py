@@ -483,19 +483,19 @@ class ResidencyPlanner:
         return plan
 
     def finish(self, req_id: str) -> ReleasePlan:
-        plan = self._release_plan(
-            self._get(req_id), req_id, ReleaseReason.FINISHED, free_cold=True
-        )
-        del self._requests[req_id]
+        plan = self._forget(req_id, ReleaseReason.FINISHED)
         self._counters.finished_requests += 1
         return plan
 
     def abort(self, req_id: str) -> ReleasePlan:
-        plan = self._release_plan(
-            self._get(req_id), req_id, ReleaseReason.ABORTED, free_cold=True
-        )
-        del self._requests[req_id]
+        plan = self._forget(req_id, ReleaseReason.ABORTED)
         self._counters.aborted_requests += 1
+        return plan
+
+    def _forget(self, req_id: str, reason: ReleaseReason) -> ReleasePlan:
+        """Release everything of a request, cold pool included, and drop it."""
+        plan = self._release_plan(self._get(req_id), req_id, reason, free_cold=True)
+        del self._requests[req_id]
         return plan
 
     # ---- views --------------------------------------------------------------------
