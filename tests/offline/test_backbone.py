@@ -100,7 +100,7 @@ def test_fast_attention_restores_transformers(model):
 @pytest.mark.parametrize("seed", range(6))
 def test_task_rows_mask_exactly_the_answer(seed):
     rng = random.Random(seed)
-    ex = bb.make_example(rng, 2048, text_fraction=0.0, dense_fraction=0.0)
+    ex = bb.make_example(rng, 2048, bb.Mixture(text=0.0, dense=0.0, copy=0.0))
     assert len(ex.ids) == len(ex.answer_mask) == 2048
     answer_ids = [i for i, m in zip(ex.ids, ex.answer_mask) if m]
     assert answer_ids[-1] == bb.EOS_ID
@@ -110,14 +110,72 @@ def test_task_rows_mask_exactly_the_answer(seed):
     assert prompt.rstrip().endswith(("is", "are", "are:", "they are:"))
 
 
-def test_dense_recall_answers_copy_earlier_values():
-    ex = bb.make_dense_recall(random.Random(0), 1024)
-    assert len(ex.ids) == 1024
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_recall_answers_copy_earlier_values(seed):
+    ex = bb.make_dense_recall(random.Random(seed), 2048)
+    assert len(ex.ids) == 2048
     text = bb.decode(ex.ids)
-    values = {k: v for k, v in re.findall(r"numbers for ([^ ]+) is: (\d{7})\.", text)}
+    values = dict(re.findall(r"magic (?:numbers|uuids) for ([^ ]+) is: ([0-9a-f-]+)\.", text))
+    assert values
     answers = bb.decode([i for i, m in zip(ex.ids, ex.answer_mask) if m]).split()
     assert len(answers) >= 5
     assert all(a.rstrip(".") in values.values() for a in answers[:-1])
+    asked = re.findall(r"special magic \w+ for ([^ ]+) mentioned in the provided text is ([0-9a-f-]+)\.", text)
+    assert all(values[k] == v for k, v in asked)
+
+
+@pytest.mark.parametrize("length", [512, 1024, 2048])
+def test_copy_rows_repeat_each_string_beyond_the_window(length):
+    ex = bb.make_copy(random.Random(length), length)
+    assert len(ex.ids) == len(ex.answer_mask) == length
+    lines = bb.decode(ex.ids).split("\n")
+    pairs = [(lines[i], lines[i + 1]) for i in range(0, len(lines) - 2, 2)]
+    assert pairs and all(a == b for a, b in pairs)
+    assert all(len(a) > bb.BACKBONE_SPEC.sliding_window for a, _ in pairs)
+    # the answers are exactly the second copies (newline included)
+    answer = bb.decode([i for i, m in zip(ex.ids, ex.answer_mask) if m])
+    assert answer.startswith("".join(b + "\n" for _, b in pairs))
+
+
+def test_mixture_shares_and_refusals():
+    rng = random.Random(0)
+    rows = [bb.make_example(rng, 1024, bb.Mixture(text=0.0, dense=0.0, copy=1.0)) for _ in range(3)]
+    assert all(sum(r.answer_mask) > 300 for r in rows)  # copy rows: ~half answers
+    with pytest.raises(ValueError, match="together <= 1"):
+        bb.Mixture(text=0.5, dense=0.4, copy=0.2)
+    with pytest.raises(ValueError, match="copy_fraction=-0.1"):
+        bb.BackboneTrainConfig(out="x", copy_fraction=-0.1)
+
+
+def test_slot_init_gives_each_channel_block_one_source_token():
+    spec = dataclasses.replace(SMALL, hidden_size=64)
+    model = build_model(spec, seed=0)
+    assert bb.slot_compressor_init(model) == len(spec.csa_layers)
+    comp = bb.csa_attentions(model)[0].compressor
+    m, d = comp.compress_rate, comp.head_dim
+    pb = comp.position_bias.detach()
+    slots = torch.cat([pb[:, :d], pb[:, d:]], dim=0)  # [2m, d]: Ca slots, then Cb
+    weight = slots.softmax(0)
+    width = d // (2 * m)
+    assert weight.argmax(0).tolist() == [c // width for c in range(d)]
+    assert weight.max(0).values.min() > 0.99
+
+
+def test_cli_flags_are_the_config_fields():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bb.add_arguments(parser)
+    args = parser.parse_args(
+        ["--out", "o", "--curriculum", "512:0.25", "1024:0.75", "--copy-fraction",
+         "0.3", "--no-slot-init", "--compile", "--eval-lengths", "4096"]
+    )
+    cfg = bb.config_from_args(args)
+    assert cfg.curriculum == ((512, 0.25), (1024, 0.75))
+    assert (cfg.copy_fraction, cfg.slot_init, cfg.compile) == (0.3, False, True)
+    assert cfg.eval_lengths == (4096,)
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(bb.BackboneTrainConfig)} <= flags
 
 
 def test_lm_loss_separates_answer_and_context():
@@ -146,8 +204,13 @@ def test_answer_text_follows_the_context_order():
 
 
 def test_spec_keeps_what_vllm_cpu_needs():
+    from vllm_flashmemory.vllm.cpu.router import NATIVE_SHAPES
+
     spec = bb.BACKBONE_SPEC
-    assert (spec.n_routed_experts, spec.num_experts_per_tok) == (128, 8)
+    # Not a shape biased_topk_cpu takes: vllm-cpu needs the plugin's torch router.
+    assert (spec.n_routed_experts, spec.num_experts_per_tok) not in NATIVE_SHAPES
+    # The FFN each token sees (routed top-k + shared), the reason for 16 x top-4.
+    assert spec.moe_intermediate_size * (spec.num_experts_per_tok + 1) >= 256
     assert (spec.head_dim, spec.index_head_dim) == (512, 128)
     assert len(spec.csa_layers) >= 3
     assert spec.index_topk * 8 <= 8192 // 4  # native top-k <= 1/8 of the entries at 8K

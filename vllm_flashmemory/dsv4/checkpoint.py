@@ -160,7 +160,11 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     state = hf_to_official(model.state_dict())
     tensors = {
-        k: (v.to(dtype) if v.is_floating_point() else v.to(torch.int32)).contiguous()
+        # .cpu(): a model still training on the GPU can be snapshotted as it runs.
+        k: (v.to(dtype) if v.is_floating_point() else v.to(torch.int32))
+        .detach()
+        .cpu()
+        .contiguous()
         for k, v in state.items()
     }
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, {"format": "pt"}))

