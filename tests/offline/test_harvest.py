@@ -147,3 +147,29 @@ def test_documents(tmp_path):
         read_jsonl(path)
     with pytest.raises(ValueError, match="does not exist"):
         read_jsonl(tmp_path / "none.jsonl")
+
+
+def test_device_flag_is_validated(setup, tmp_path):
+    model_dir = setup[0]
+    assert _cfg(model_dir, tmp_path).device == "cpu"
+    with pytest.raises(ValueError, match=r"--device 'tpu'.*use --device cpu"):
+        _cfg(model_dir, tmp_path, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="use --device cpu"):
+            _cfg(model_dir, tmp_path, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_harvest_matches_cpu(setup, full_run, tmp_path):
+    """The same shards on the GPU (fp32), up to float rounding."""
+    model_dir, docs, ids, _ = setup
+    harvest(_cfg(model_dir, tmp_path, device="cuda"), docs, ids, progress=False)
+    for f in sorted(full_run.glob("doc*/*.safetensors")):
+        cpu, gpu = load_file(f), load_file(tmp_path / f.relative_to(full_run))
+        assert cpu.keys() == gpu.keys()
+        for k in cpu:
+            assert gpu[k].device.type == "cpu" and gpu[k].dtype == cpu[k].dtype
+            if k == "positions":
+                assert torch.equal(gpu[k], cpu[k])
+            else:
+                torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-3)

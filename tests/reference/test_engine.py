@@ -236,3 +236,44 @@ def test_engine_rejects_bad_inputs(model, indexer, prefilled):
             eng.generate(prefilled, MethodSpec(Method.LSA))
         with pytest.raises(ValueError, match="attention mass"):
             eng.generate(prefilled, MethodSpec(Method.ORACLE, 0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_matches_cpu(model, indexer, prompt, baseline):
+    """The engine on the GPU (fp32): full and threshold-0 lsa equal the plain model's
+    greedy tokens there, and every method's tokens equal the CPU engine's."""
+    gpu_model = copy.deepcopy(model).to("cuda")
+    gpu_indexer = copy.deepcopy(indexer)
+    specs = [MethodSpec(Method.FULL), MethodSpec(Method.LSA),
+             MethodSpec(Method.RECENCY), MethodSpec(Method.RANDOM, 0.25)]
+
+    def run(m, ind, threshold):
+        with _engine(m, ind, threshold=threshold) as eng:
+            pf = eng.prefill(prompt)
+            full = eng.generate(pf, MethodSpec(Method.FULL), record_attention=True)
+            out = {s.label: eng.generate(pf, s).tokens for s in specs}
+            out["oracle25"] = eng.generate(
+                pf, MethodSpec(Method.ORACLE, 0.25),
+                oracle_chunk_mass=full.chunk_attention_mass).tokens
+            return out
+
+    gpu_zero = run(gpu_model, gpu_indexer, 0.0)
+    assert gpu_zero["full"] == gpu_zero["lsa"] == _plain_greedy_on(gpu_model, prompt)
+    assert run(gpu_model, gpu_indexer, 0.5) == run(model, indexer, 0.5)
+    assert gpu_zero["full"] == baseline
+
+
+@torch.no_grad()
+def _plain_greedy_on(model, prompt: list[int]) -> tuple[int, ...]:
+    dev = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor(prompt, device=dev)[None]
+    for s in range(0, len(prompt), PREFILL_CHUNK):
+        out = model(input_ids=ids[:, s : s + PREFILL_CHUNK], past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < NEW_TOKENS and tokens[-1] != model.config.eos_token_id:
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=dev),
+                    past_key_values=cache, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tuple(tokens)

@@ -187,3 +187,18 @@ def test_indexer_is_paired_only_with_its_own_backbone(tmp_path, monkeypatch):
     # an explicit backbone never borrows another model's indexer
     assert evaluate.resolve_model_paths(str(asset), None) == (asset, None)
     assert evaluate.resolve_model_paths(str(tiny), None) == (tiny, tiny_indexer)
+
+
+def test_device_flag_is_validated(tmp_path):
+    """--device takes cpu (the default) or cuda; anything else names the fix."""
+    from vllm_flashmemory import cli
+
+    assert _cfg(tmp_path).device == "cpu"
+    with pytest.raises(ValueError, match=r"--device 'tpu'.*use --device cpu"):
+        _cfg(tmp_path, device="tpu")
+    with pytest.raises(ValueError, match=r"--device 'tpu'.*use --device cpu"):
+        cli.main(["eval", "--tasks", "niah_single_1", "--json", str(tmp_path / "e.json"),
+                  "--device", "tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="use --device cpu"):
+            _cfg(tmp_path, device="cuda")

@@ -116,8 +116,9 @@ def mask_to_doc(
     out = logits.new_full((s, n_entries), float("-inf"))
     t_keep = min(t, n_entries)
     out[:, :t_keep] = logits[:, :t_keep]
-    entry = torch.arange(n_entries)
-    invisible = entry[None, :] >= visible_entries(positions, compress_ratio)[:, None]
+    entry = torch.arange(n_entries, device=logits.device)
+    visible = visible_entries(positions.to(logits.device), compress_ratio)
+    invisible = entry[None, :] >= visible[:, None]
     return out.masked_fill(invisible, float("-inf"))
 
 

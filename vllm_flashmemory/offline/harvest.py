@@ -6,6 +6,9 @@ prefill through the cache) and writes, per document, K^IComp of every CSA layer
 (positions, attention-input hidden states, native indexer logits over all
 compressed entries). Format: docs/DATA_FORMAT.md ("flashmemory-harvest/1").
 
+`--device cuda` runs the model on one GPU in fp32 (no autocast), like the CPU default;
+the recorded tensors are moved to host memory as they are written.
+
 Resumable: every file is written to a temp name and renamed, completed shards are
 kept, and a rerun recomputes the (deterministic) forward but writes only the
 missing shards, so its output is byte-identical to an uninterrupted run.
@@ -57,8 +60,21 @@ class HarvestConfig:
     hidden_layers: tuple[int, ...] | None = None
     # Largest prefill chunk; the real chunk also shrinks with document length.
     max_chunk_tokens: int = 256
+    # Where the model runs: "cpu" or "cuda" (shards are written from host memory).
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(
+                f"--device {self.device!r} is not supported; use --device cpu (the "
+                "default) or --device cuda (one NVIDIA GPU)."
+            )
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda but torch.cuda.is_available() is False (no GPU, or a "
+                "CPU-only torch build); use --device cpu, or install a CUDA build of "
+                "torch on a GPU machine."
+            )
         folder = Path(self.model)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             raise ValueError(
@@ -164,7 +180,8 @@ def harvest(
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     if model is None:
-        model = load_hf_model(cfg.model)
+        model = load_model(cfg.model, cfg.device)
+    device = next(model.parameters()).device
     total = sum(len(ids) for e, ids in zip(manifest["documents"], token_ids) if not e["complete"])
     from tqdm import tqdm
 
@@ -173,7 +190,8 @@ def harvest(
     for entry, ids in zip(manifest["documents"], token_ids):
         if entry["complete"]:
             continue
-        _harvest_document(cfg, model, entry, torch.tensor(ids), out, geometry, bar, on_shard_written)
+        _harvest_document(cfg, model, entry, torch.tensor(ids, device=device), out, geometry,
+                          bar, on_shard_written)
         entry["complete"] = True
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     bar.close()
@@ -202,15 +220,15 @@ def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_writt
                     rows = slice(lo - start, hi - start)
                     positions = torch.arange(lo, hi, dtype=torch.int64)
                     pending["positions"].append(positions)
-                    # [T_s, L_h, D]
+                    # [T_s, L_h, D], moved to host memory (a no-op on the CPU)
                     pending["hidden"].append(torch.stack(
                         [cap.layers[h].hidden[rows] for h in hidden_slots], dim=1
-                    ))
+                    ).cpu())
                     # [T_s, L_csa, N_doc], -inf where entry s is not visible to p
                     pending["logits"].append(torch.stack(
                         [mask_to_doc(c.logits[rows], positions, n_entries, COMPRESS_RATIO)
                          for c in cap.layers], dim=1
-                    ))
+                    ).cpu())
                     if hi == p0 + (shard + 1) * per or hi == n_tokens:
                         tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
                         atomic_save_tensors(doc_dir / _shard_name(shard), tensors)
@@ -219,8 +237,24 @@ def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_writt
                             on_shard_written(entry["doc_id"], shard)
                 lo = hi
         # [L_csa, N_doc, Dk]: all entries are emitted once the last chunk ran.
-        k_icomp = torch.stack([hadamard_rotate(c.k_icomp[:n_entries]) for c in cap.layers])
+        k_icomp = torch.stack(
+            [hadamard_rotate(c.k_icomp[:n_entries].cpu()) for c in cap.layers]
+        )
     atomic_save_tensors(doc_dir / KEYS_FILE, {"k_icomp": k_icomp.contiguous()})
+
+
+def load_model(model_dir: str, device: str = "cpu") -> torch.nn.Module:
+    """load_hf_model in fp32 on `device`; on cuda the MoE experts use transformers'
+    grouped_mm implementation when it has one (as backbone training does)."""
+    model = load_hf_model(model_dir)
+    if device == "cpu":
+        return model
+    model = model.to(device)
+    set_impl = getattr(model, "set_experts_implementation", None)
+    if set_impl is not None:
+        set_impl("grouped_mm")
+    logger.info("model on %s (%s), fp32", device, torch.cuda.get_device_name())
+    return model
 
 
 def _shard_name(k: int) -> str:
@@ -268,6 +302,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chunk-tokens", type=int,
                         default=_DEFAULTS["max_chunk_tokens"].default,
                         help="largest prefill chunk through the cache")
+    parser.add_argument("--device", default=_DEFAULTS["device"].default,
+                        help="cpu or cuda: where the model runs, fp32 either way "
+                        "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -276,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, prompt_tokens=args.prompt_tokens,
         positions_per_shard=args.positions_per_shard,
         hidden_layers=tuple(args.hidden_layers) if args.hidden_layers else None,
-        max_chunk_tokens=args.max_chunk_tokens,
+        max_chunk_tokens=args.max_chunk_tokens, device=args.device,
     )
     if args.synthetic is not None:
         if args.tokens is None or args.tokens < 2:

@@ -6,7 +6,8 @@ residency on top: `pack_chunks` reads one chunk's entries of every CSA layer (ma
 and indexer keys together, DESIGN.md "The chunk") into an opaque uint8 row for the
 ColdPool / HotPool; `evict` overwrites the entries of evicted chunks in the live
 tensors with `cold_fill` (zeros by default; tests poison them) and marks them cold;
-`restore` writes fetched bytes back bit-exactly. Entry indices never shift, so the
+`restore` writes fetched bytes back bit-exactly. Every tensor lives on the model's
+device (the device of the cache's own tensors). Entry indices never shift, so the
 native indexer's positions stay valid; `ResidencyHooks` (hooks.py) keeps cold entries
 out of the native top-k (Eq. 6) and out of attention.
 
@@ -75,6 +76,11 @@ class LSACache(DynamicCache):
         self._saved_keys: list[torch.Tensor | None] = [None] * len(
             self.memory_indexer_slots
         )
+        # entry_resident_mask cache: (n_entries, residency version) -> mask on the
+        # cache's device; the hooks ask for it once per CSA layer per forward.
+        self._version = 0
+        self._mask_key: tuple[int, int] | None = None
+        self._mask: torch.Tensor | None = None
 
     # ---- geometry -----------------------------------------------------------------
 
@@ -97,13 +103,40 @@ class LSACache(DynamicCache):
     def cold_chunks(self) -> frozenset[int]:
         return frozenset(self._cold_chunks)
 
+    @property
+    def has_cold(self) -> bool:
+        """Whether any chunk is cold (a host-side check: no device sync)."""
+        return bool(self._cold_chunks)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the cache's tensors (the model's); CPU before any entry."""
+        try:
+            t = self._layer(0).compressed_kv[_MAIN]
+        except (IndexError, AttributeError, KeyError):  # no forward has run yet
+            t = None
+        return torch.device("cpu") if t is None else t.device
+
     def entry_resident_mask(self, n_entries: int | None = None) -> torch.Tensor:
-        """bool [n_entries]: False for entries of cold chunks."""
+        """bool [n_entries] on the cache's device: False for entries of cold chunks.
+
+        Built once per (n_entries, residency change) from the host-side cold set, so
+        the per-layer hooks neither loop over chunks nor sync the device. The tensor
+        is shared between calls: do not modify it in place.
+        """
         n = self.n_entries if n_entries is None else n_entries
-        mask = torch.ones(n, dtype=torch.bool)
-        for c in self._cold_chunks:
-            mask[c * self.entries_per_chunk : (c + 1) * self.entries_per_chunk] = False
-        return mask
+        key = (n, self._version)
+        if self._mask_key != key or self._mask is None:
+            e = self.entries_per_chunk
+            n_chunks = -(-n // e)
+            chunk_ok = torch.ones(n_chunks, dtype=torch.bool)
+            cold = [c for c in self._cold_chunks if c < n_chunks]
+            if cold:
+                chunk_ok[cold] = False
+            mask = chunk_ok.repeat_interleave(e)[:n]  # [n]
+            self._mask = mask.to(self.device)
+            self._mask_key = key
+        return self._mask
 
     # ---- data movement --------------------------------------------------------------
 
@@ -118,7 +151,7 @@ class LSACache(DynamicCache):
                 parts.append(self._index(slot)[0, lo:hi].reshape(-1))  # [E * 128]
             rows.append(torch.cat(parts).contiguous().view(torch.uint8))
         if not rows:
-            return torch.empty((0, self.chunk_bytes), dtype=torch.uint8)
+            return torch.empty((0, self.chunk_bytes), dtype=torch.uint8, device=self.device)
         return torch.stack(rows)  # [n, chunk_bytes]
 
     def evict(self, chunk_ids: Sequence[int]) -> None:
@@ -139,6 +172,7 @@ class LSACache(DynamicCache):
                 self._main(slot)[0, lo:hi] = self.cold_fill
                 self._index(slot)[0, lo:hi] = self.cold_fill
             self._cold_chunks.add(c)
+        self._version += 1
 
     def restore(self, chunk_ids: Sequence[int], data: torch.Tensor) -> None:
         """Write fetched chunk bytes (uint8 [n, chunk_bytes]) back; they turn resident."""
@@ -167,27 +201,29 @@ class LSACache(DynamicCache):
                 self._main(slot)[0, lo:hi] = main
                 self._index(slot)[0, lo:hi] = index
             self._cold_chunks.discard(c)
+        self._version += 1
 
     def memory_indexer_keys(self) -> torch.Tensor:
         """K^IComp of the Memory Indexer's layers over every entry: [L_mi, T, Dk]."""
-        mask = self.entry_resident_mask()  # [T]
+        cold = ~self.entry_resident_mask()  # [T]
         out = []
         for i, slot in enumerate(self.memory_indexer_slots):
             live = self._index(slot)[0]  # [T, Dk]
             saved = self._saved_keys[i]
-            if saved is None or bool(mask.all()):
+            if saved is None or not self._cold_chunks:
                 out.append(live.clone())
                 continue
+            # Cold entries are complete chunks evicted earlier: all < len(saved).
+            keep = saved.shape[0]
             keys = live.clone()
-            cold = (~mask).nonzero().flatten()
-            keys[cold] = saved[cold]
+            keys[:keep] = torch.where(cold[:keep, None], saved, live[:keep])
             out.append(keys)
         return torch.stack(out)
 
     # ---- internals ------------------------------------------------------------------
 
     def _save_memory_indexer_keys(self) -> None:
-        mask = self.entry_resident_mask()
+        cold = ~self.entry_resident_mask()  # [T]
         for i, slot in enumerate(self.memory_indexer_slots):
             live = self._index(slot)[0]  # [T, Dk]
             old = self._saved_keys[i]
@@ -197,8 +233,7 @@ class LSACache(DynamicCache):
             keep = old.shape[0]
             # Resident rows are current; cold rows keep their saved copy.
             new = live.clone()
-            cold = (~mask[:keep]).nonzero().flatten()
-            new[cold] = old[cold]
+            new[:keep] = torch.where(cold[:keep, None], old, live[:keep])
             self._saved_keys[i] = new
 
     def _layer(self, slot: int):

@@ -1,6 +1,8 @@
 """ReferenceEngine: greedy generation with LSA on a transformers DeepSeek-V4 model.
 
-One request at a time, batch 1, fp32 on the CPU:
+One request at a time, batch 1, fp32, on the device the model sits on (CPU or one
+CUDA GPU; every tensor the engine, cache and hooks make is created there, and the
+ColdPool always holds its chunks in host memory):
 
 1. `prefill` feeds the prompt through an `LSACache` in chunks (one-call prefill is
    quadratic in transformers, notes/deepseek_v4.md §7). Every chunk is resident
@@ -26,6 +28,7 @@ the forward that reads it, as in the vLLM connector.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,10 +42,12 @@ from vllm_flashmemory.core.footprint import Footprint, KVGeometry, request_footp
 from vllm_flashmemory.core.hot_pool import HotPool, HotPoolConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer, select
 from vllm_flashmemory.core.residency_planner import RefreshPlan, ResidencyPlanner
-from vllm_flashmemory.core.rotation import hadamard_rotate
+from vllm_flashmemory.core.rotation import hadamard_matrix, hadamard_rotate
 from vllm_flashmemory.reference.cache import LSACache, csa_layer_ids
 from vllm_flashmemory.reference.hooks import QuestState, ResidencyHooks
 from vllm_flashmemory.reference.methods import Method, MethodSpec
+
+logger = logging.getLogger(__name__)
 
 _REQ = "req"
 _GIB = 1 << 30
@@ -158,7 +163,10 @@ class ReferenceEngine:
     ) -> None:
         self.model = model.eval()
         self.config = config
-        self.indexer = None if indexer is None else indexer.eval()
+        # Everything the engine makes lives where the model's weights are.
+        self.device = next(model.parameters()).device
+        # The Memory Indexer scores on the model's device (moved in place).
+        self.indexer = None if indexer is None else indexer.to(self.device).eval()
         n_csa = len(csa_layer_ids(model.config))
         bad = [i for i in config.lsa.indexer_layers if i >= n_csa]
         if bad:
@@ -185,6 +193,10 @@ class ReferenceEngine:
         self.eos_token_id = model.config.eos_token_id
         self.hooks = ResidencyHooks(model)
         self.hooks.__enter__()
+        logger.info(
+            "ReferenceEngine on %s: ColdPool backend 'torch' (host memory), HotPool "
+            "and cache on %s", self.device, self.device,
+        )
 
     def close(self) -> None:
         self.hooks.__exit__(None, None, None)
@@ -211,10 +223,11 @@ class ReferenceEngine:
             memory_indexer_slots=cfg.lsa.indexer_layers,
             cold_fill=cfg.cold_fill,
         )
-        ids = torch.tensor(list(prompt_ids), dtype=torch.long)[None]  # [1, N]
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)[None]
+        # ids: [1, N]
         st = self.hooks.state
         st.active, st.quest = False, None
-        st.attention_mass = torch.zeros(0)
+        st.attention_mass = torch.zeros(0, device=self.device)
         self.hooks.current_cache = cache
         logits = None
         for start in range(0, n, cfg.prefill_chunk_tokens):
@@ -233,7 +246,7 @@ class ReferenceEngine:
         return PrefillState(
             cache=cache,
             prompt_tokens=n,
-            first_token=int(logits[0, -1].argmax()),
+            first_token=int(logits[0, -1].argmax()),  # syncs: seconds is real
             hidden=list(st.hidden),
             attention_mass=st.attention_mass.clone(),
             seconds=time.perf_counter() - t0,
@@ -280,12 +293,12 @@ class ReferenceEngine:
             # Every historical chunk is stored in the cold pool at the end of prefill;
             # its device copy sits in a hot slot until evicted.
             if historical:
-                data = cache.pack_chunks(historical)  # [H, chunk_bytes]
+                data = cache.pack_chunks(historical)  # [H, chunk_bytes], device
                 cold.reserve(_REQ, len(historical))
-                cold.batched_put(_REQ, historical, data)
+                cold.batched_put(_REQ, historical, data)  # D2H into host memory
                 slots = hot.batched_allocate(_REQ, historical)
                 assert slots is not None, "the hot pool has a slot per chunk"
-                hot.buffer[slots] = data
+                hot.buffer.index_copy_(0, hot.slots_for(_REQ, historical), data)
             fixed = self._fixed_scores(spec, planner, oracle_chunk_mass)
             st = self.hooks.state
             self.hooks.current_cache = cache
@@ -300,16 +313,19 @@ class ReferenceEngine:
             tokens = [prefill.first_token]
             footprints: list[Footprint] = []
             selected: list[int] = []
+            ids = torch.tensor([[tokens[-1]]], dtype=torch.long, device=self.device)
             while len(tokens) < limit and tokens[-1] != self.eos_token_id:
                 if method is Method.QUEST:
                     st.quest = QuestState(historical, spec.quest_budget_chunks or 0)
-                ids = torch.tensor([[tokens[-1]]], dtype=torch.long)
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
                 # Footprint of the residency this forward read.
                 fp, n_sel = self._footprint(planner, method, st.quest, historical)
                 footprints.append(fp)
                 selected.append(n_sel)
-                tokens.append(int(out.logits[0, -1].argmax()))
+                # The next input stays on the device; the host copy (the one sync
+                # per token) is needed for the EOS test.
+                ids = out.logits[0, -1].argmax().view(1, 1)  # [1, 1]
+                tokens.append(int(ids))
                 planner.append_tokens(_REQ, 1)
                 if planner.needs_refresh(_REQ):
                     self._refresh(planner, cache, cold, hot, method, fixed, counts)
@@ -365,10 +381,12 @@ class ReferenceEngine:
         chunk_bytes = cache.chunk_bytes
         # Room for this request's historical chunks (plus alignment slack).
         gib = max(1, historical) * (chunk_bytes + 64) * 1.01 / _GIB
+        # The torch backend: the reference engine never needs LMCache (and runs
+        # where it is not installed); chunks live in host memory, pinned on CUDA.
         cold = ColdPool(ColdPoolConfig(capacity_gib=gib, chunk_bytes=chunk_bytes,
                                        backend="torch"))
         hot = HotPool(HotPoolConfig(num_slots=max(1, total_chunks),
-                                    chunk_bytes=chunk_bytes, device="cpu"))
+                                    chunk_bytes=chunk_bytes, device=self.device))
         return cold, hot
 
     def _fixed_scores(
@@ -437,8 +455,12 @@ class ReferenceEngine:
         h = torch.stack(hidden)[:, None, :]  # [L, 1, D]
         n_tokens = planner.num_tokens(_REQ)
         written = n_tokens // lsa.compress_ratio
-        keys = hadamard_rotate(cache.memory_indexer_keys()[:, :written])  # [L, T, Dk]
-        pos = torch.tensor([n_tokens - 1])  # the last processed token
+        keys = cache.memory_indexer_keys()[:, :written]  # [L, T, Dk]
+        if keys.device.type == "cpu":
+            keys = hadamard_rotate(keys)
+        else:  # hadamard_rotate's matrix is a host tensor: the same product here
+            keys = keys.float() @ hadamard_matrix(keys.shape[-1]).to(keys.device)
+        pos = torch.tensor([n_tokens - 1], device=h.device)  # the last processed token
         scores = self.indexer(h, pos, keys)  # [L, 1, T]
         return select(scores, lsa.threshold, lsa.routing)[0]  # [T]
 
@@ -456,11 +478,18 @@ class ReferenceEngine:
             cache.evict(plan.evict_chunks)
             planner.complete_evict(_REQ, plan.evict_chunks)
         if plan.fetch_chunks:
-            slots = hot.batched_allocate(_REQ, plan.fetch_chunks)
+            fetch = plan.fetch_chunks
+            slots = hot.batched_allocate(_REQ, fetch)
             assert slots is not None, "the hot pool has a slot per chunk"
-            data = cold.batched_get(_REQ, plan.fetch_chunks)  # [F, chunk_bytes]
-            hot.buffer[slots] = data
-            cache.restore(plan.fetch_chunks, hot.buffer[slots])
+            # ColdPool (host) -> device staging rows -> HotPool slots -> cache.
+            staged = torch.empty(
+                (len(fetch), cache.chunk_bytes), dtype=torch.uint8,
+                device=hot.buffer.device,
+            )
+            data = cold.batched_get(_REQ, fetch, out=staged)  # [F, chunk_bytes]
+            slot_ids = hot.slots_for(_REQ, fetch)  # [F] on the arena's device
+            hot.buffer.index_copy_(0, slot_ids, data)
+            cache.restore(fetch, hot.buffer.index_select(0, slot_ids))
             planner.complete_fetch(_REQ, plan.fetch_chunks, ok=True)
 
     def _footprint(
@@ -523,7 +552,7 @@ class _Counts:
 def _chunk_sums(entry_values: torch.Tensor, entries_per_chunk: int) -> list[float]:
     n = entry_values.numel()
     n_chunks = -(-n // entries_per_chunk)
-    padded = torch.zeros(n_chunks * entries_per_chunk)
+    padded = torch.zeros(n_chunks * entries_per_chunk, device=entry_values.device)
     padded[:n] = entry_values
     return padded.view(n_chunks, entries_per_chunk).sum(1).tolist()  # [n_chunks]
 

@@ -9,7 +9,10 @@ sample). Each row reports accuracy (mean score, with its standard error),
 `resident_chunk_ratio` and `kv_bytes_gpu` / `kv_bytes_full` through the one
 footprint definition (core/footprint.py).
 
-The local window and the chunk scale with the context in the paper's proportions
+`--device cuda` runs the backbone and the Memory Indexer on one GPU, in fp32 like the
+CPU default (no autocast; torch's default fp32 matmul precision), so `full` and `lsa` at threshold 0 stay equal to
+the unmodified model's greedy tokens on that device; the cold pool stays in host
+memory. The local window and the chunk scale with the context in the paper's proportions
 (methods.scaled_window) and are printed with every cell. Results are written
 atomically after every cell; a rerun with the same --json skips completed cells.
 """
@@ -75,8 +78,11 @@ class EvalConfig:
     max_new_tokens: int = 48
     prefill_chunk_tokens: int = 1024
     progress: bool = True
+    # Where the backbone, the Memory Indexer and the device KV run: "cpu" or "cuda".
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if not self.tasks:
             raise ValueError("--tasks is empty; name at least one task, e.g. niah_single_1.")
         if not self.lengths or any(x < 16 for x in self.lengths):
@@ -90,6 +96,46 @@ class EvalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a positive integer.")
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device other than cpu or cuda, and cuda without a GPU."""
+    if device not in DEVICES:
+        raise ValueError(
+            f"--device {device!r} is not supported; use --device cpu (the default) "
+            "or --device cuda (one NVIDIA GPU)."
+        )
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda but torch.cuda.is_available() is False (no GPU, or a "
+                "CPU-only torch build); use --device cpu, or install a CUDA build of "
+                "torch on a GPU machine."
+            )
+
+
+def load_model_on(model_path, device: str):
+    """load_hf_model(model_path) in fp32 on `device`; on cuda the MoE experts use
+    transformers' grouped_mm implementation when it has one (as training does)."""
+    import torch
+
+    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+
+    check_device(device)
+    model = load_hf_model(model_path)
+    if device == "cpu":
+        return model
+    model = model.to(device)
+    set_impl = getattr(model, "set_experts_implementation", None)
+    if set_impl is not None:
+        set_impl("grouped_mm")
+    logger.info("model on %s (%s), fp32", device, torch.cuda.get_device_name())
+    return model
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -359,7 +405,6 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
     from transformers import AutoTokenizer
 
     from vllm_flashmemory.core.memory_indexer import MemoryIndexer
-    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
     from vllm_flashmemory.reference.engine import EngineConfig, ReferenceEngine
 
     model_path, indexer_path = resolve_model_paths(cfg.model, cfg.indexer)
@@ -369,10 +414,14 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
             f"{model_path}, in {ASSET_INDEXER} or in {FALLBACK_INDEXER}; pass "
             "--indexer DIR or run `flashmemory demo` to train one."
         )
-    print_fn(f"model {model_path}, indexer {indexer_path}")
+    print_fn(f"model {model_path}, indexer {indexer_path}, device {cfg.device}")
     torch.manual_seed(cfg.seed)
-    model = load_hf_model(model_path)
-    indexer = MemoryIndexer.load(indexer_path) if indexer_path is not None else None
+    model = load_model_on(model_path, cfg.device)
+    indexer = (
+        MemoryIndexer.load(indexer_path, map_location=cfg.device)
+        if indexer_path is not None
+        else None
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
 
     def factory(lsa: LSAConfig):
@@ -477,6 +526,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk-tokens", type=int,
                         default=_D["prefill_chunk_tokens"].default,
                         help="prompt tokens per prefill forward (default: %(default)s)")
+    parser.add_argument("--device", default=_D["device"].default,
+                        help="cpu or cuda: where the backbone and Memory Indexer run, "
+                        "fp32 either way (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -498,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         progress=not args.no_progress,
+        device=args.device,
     )
     t0 = time.perf_counter()
     rows = run_eval(cfg)

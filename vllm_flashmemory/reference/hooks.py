@@ -14,6 +14,9 @@ Installed on every CSA layer (no model code is copied or patched):
   attention probability on each compressed entry to `attention_mass` (the oracle).
 
 "Allowed" = resident in the LSACache (not cold) and, for quest, picked this step.
+
+Every tensor the hooks make lives on the device of the tensors they see (the
+model's), and the hooks never sync the device except for quest's per-step pick.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class HookState:
     quest: QuestState | None = None
     # Per CSA slot: hidden input of the last query of the latest forward, [D].
     hidden: list[torch.Tensor | None] = field(default_factory=list)
-    # [T] attention probability summed over CSA layers, heads and recorded steps.
+    # [T] attention probability summed over CSA layers, heads and recorded steps,
+    # on the model's device (the engine resets it there).
     attention_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     # Set by the indexer pre-hook for the scorer and indexer hooks of one call.
     _slot: int | None = None
@@ -113,11 +117,13 @@ class ResidencyHooks:
         if not st.active or st._cache is None:
             return None
         n_entries = k_icomp.shape[1]
-        allowed = st._cache.entry_resident_mask(n_entries)  # [T]
-        if st.quest is not None and q.shape[1] == 1:
-            allowed &= self._quest_allowed(module, q, k_icomp, hidden, st._cache)
-        if bool(allowed.all()):
+        quest = st.quest is not None and q.shape[1] == 1
+        # Host-side check: nothing cold and no quest pick means nothing to mask.
+        if not quest and not st._cache.has_cold:
             return None
+        allowed = st._cache.entry_resident_mask(n_entries)  # [T], shared: no in-place
+        if quest:
+            allowed = allowed & self._quest_allowed(module, q, k_icomp, hidden, st._cache)
         st._allowed = allowed
         return output.masked_fill(~allowed.view(1, 1, -1), float("-inf"))  # [B,S,T]
 
@@ -146,8 +152,10 @@ class ResidencyHooks:
             return
         n = cache.n_entries
         mass = weights[0, :, -1, weights.shape[-1] - n :].detach().float().sum(0)  # [T]
+        if st.attention_mass.device != mass.device:
+            st.attention_mass = st.attention_mass.to(mass.device)
         if st.attention_mass.numel() < n:
-            grown = torch.zeros(n)
+            grown = torch.zeros(n, device=mass.device)
             grown[: st.attention_mass.numel()] = st.attention_mass
             st.attention_mass = grown
         st.attention_mass[:n] += mass
@@ -171,12 +179,12 @@ class ResidencyHooks:
         quest = self.state.quest
         assert quest is not None
         n_entries = k_icomp.shape[1]
-        allowed = torch.ones(n_entries, dtype=torch.bool)
+        device = k_icomp.device
         chunks = quest.historical_chunks
         if not chunks:
-            return allowed
+            return torch.ones(n_entries, dtype=torch.bool, device=device)
         e = cache.entries_per_chunk
-        idx = torch.tensor(chunks)
+        idx = torch.tensor(chunks, device=device)
         whole = (n_entries // e) * e  # historical chunks are complete
         keys = k_icomp[0, :whole].float().view(-1, e, k_icomp.shape[-1])[idx]
         # keys: [C, E, Dk]
@@ -189,12 +197,13 @@ class ResidencyHooks:
         k = min(quest.budget_chunks, len(chunks))
         # Highest bound first; ties to the earlier chunk (stable sort).
         order = torch.sort(-bound, stable=True).indices[:k]
-        picked = {chunks[i] for i in order.tolist()}
+        picked = {chunks[i] for i in order.tolist()}  # the one sync per layer
         quest.picked |= picked
-        for c in chunks:
-            if c not in picked:
-                allowed[c * e : (c + 1) * e] = False
-        return allowed
+        dropped = [c for c in chunks if c not in picked]
+        chunk_ok = torch.ones(-(-n_entries // e), dtype=torch.bool)
+        if dropped:
+            chunk_ok[dropped] = False
+        return chunk_ok.repeat_interleave(e)[:n_entries].to(device)  # [T]
 
 
 __all__ = ["ResidencyHooks", "HookState", "QuestState"]
