@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from vllm.config import VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -28,19 +27,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 from vllm.logger import init_logger
-
 from vllm_flashmemory.connectors.residency import ResidencyMap
 from vllm_flashmemory.connectors.scheduler import LSAConnectorScheduler
 from vllm_flashmemory.connectors.startup import build_lsa_startup
 from vllm_flashmemory.connectors.stats import LSAKVConnectorStats, LSAPromMetrics
 from vllm_flashmemory.connectors.types import LSAConnectorMetadata, RefreshTarget
 from vllm_flashmemory.connectors.worker import LSAConnectorWorker
+
 from vllm_flashmemory.core.config import LSAConfig
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -90,8 +89,14 @@ class LSAConnector(KVConnectorBase_V1, SupportsHMA):
             startup = build_lsa_startup(
                 vllm_config, kv_cache_config, check_indexer_checkpoint=False
             )
+            layers = startup.layout.layers
             self.connector_worker = LSAConnectorWorker(
-                startup.layout, startup.cold_pool, startup.config.compress_ratio
+                startup.layout,
+                startup.cold_pool,
+                startup.config.compress_ratio,
+                key_cache_names=tuple(
+                    layers[i].indexer_cache_name for i in startup.config.indexer_layers
+                ),
             )
         else:
             raise ValueError(f"Unsupported KV connector role: {role}")
@@ -108,6 +113,8 @@ class LSAConnector(KVConnectorBase_V1, SupportsHMA):
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, LSAConnectorMetadata)
         self.connector_worker.start_step(metadata)
+        # Before the first layer reads the CSA block tables (block return).
+        self.connector_worker.apply_block_table_patches(forward_context.attn_metadata)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -154,6 +161,14 @@ class LSAConnector(KVConnectorBase_V1, SupportsHMA):
     def lsa_config(self) -> LSAConfig:
         return self._lsa_config
 
+    def held_key_blocks(
+        self, req_id: str, cache_name: str
+    ) -> tuple[int | None, dict[int, torch.Tensor]]:
+        """(null block id or None, the request's stored K^IComp blocks by row position)."""
+        assert self.connector_worker is not None
+        worker = self.connector_worker
+        return worker.null_block_id, worker.key_store.blocks(req_id, cache_name)
+
     def record_memory_indexer_scores(
         self, req_id: str, chunk_scores: tuple[float, ...], num_selected_entries: int = 0
     ) -> None:
@@ -161,6 +176,11 @@ class LSAConnector(KVConnectorBase_V1, SupportsHMA):
         self.connector_worker.record_scores(req_id, chunk_scores, num_selected_entries)
 
     # ---- scheduler side --------------------------------------------------------
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        assert self.connector_scheduler is not None
+        self.connector_scheduler.bind_kv_cache_manager(kv_cache_manager)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int

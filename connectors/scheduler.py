@@ -12,6 +12,11 @@ Per step (`build_connector_meta`, before the forward):
    fetch and evict, with their block ids, and ask the worker for Memory Indexer
    scores for requests whose refresh is due next step.
 
+With block return (`bind_kv_cache_manager` found the `LSACSAManager` of the CSA
+group, see block_return.py) an evicted chunk's blocks go back to vLLM's pool in the
+step it is evicted, a fetched chunk takes fresh blocks (all or none; a refusal is a
+failed fetch), and every step ships the request's block-table differences.
+
 The worker executes the plan synchronously before the forward
 (`has_sync_kv_loads`), so a fetch is attendable in the very step it was planned.
 The scheduler mirrors the cold pool's capacity for admission: a request that does
@@ -24,12 +29,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-
 from vllm.logger import init_logger
-
+from vllm_flashmemory.connectors.block_return import (
+    CSABlockReturn,
+    find_lsa_csa_manager,
+)
 from vllm_flashmemory.connectors.layout import CSALayout
 from vllm_flashmemory.connectors.stats import LSAKVConnectorStats
+from vllm_flashmemory.connectors.trace import LSATrace
 from vllm_flashmemory.connectors.types import (
+    BlockTablePatch,
     ChunkBlocks,
     ChunkSelection,
     LSAConnectorMetadata,
@@ -37,11 +46,12 @@ from vllm_flashmemory.connectors.types import (
     LSARequestStep,
     RefreshTarget,
 )
-from vllm_flashmemory.connectors.trace import LSATrace
+
 from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.core.residency_planner import ResidencyPlanner
 
 if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
@@ -68,6 +78,8 @@ class _LSARequestState:
     scores: tuple[float, ...] | None = None
     num_selected_entries: int = 0
     in_planner: bool = False
+    # vLLM's pool had too few free blocks for last step's fetches: they failed.
+    fetch_unallocated: bool = False
 
 
 @dataclass
@@ -101,6 +113,18 @@ class LSAConnectorScheduler:
         # Position, in each request's block_ids, of the native indexer's group.
         self._indexer_group = layout.group_ids.index(layout.indexer_group_id)
         self._trace = LSATrace("scheduler")
+        # Set by bind_kv_cache_manager when the CSA caches have their own group.
+        self.block_return: CSABlockReturn | None = None
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        manager = find_lsa_csa_manager(kv_cache_manager, self.layout.group_ids)
+        self.block_return = None if manager is None else CSABlockReturn(manager)
+        if self.block_return is not None:
+            logger.info(
+                "LSA: evicted CSA chunks return their blocks to vLLM's pool "
+                "(kv-cache group %d).",
+                manager.kv_cache_group_id,
+            )
 
     # ---- request lifecycle -----------------------------------------------------
 
@@ -134,6 +158,8 @@ class LSAConnectorScheduler:
         if state is None:
             return
         self._free_cold_chunks += state.reserved_chunks
+        if self.block_return is not None:
+            self.block_return.forget(req_id)
         if state.in_planner:
             # Unsettled fetches die with the request: the cold pool keeps no hole.
             self.planner.finish(req_id)
@@ -157,9 +183,45 @@ class LSAConnectorScheduler:
         return ChunkBlocks(chunk_id, tuple(ids))
 
     def _settle(self, req_id: str, state: _LSARequestState, failed: bool) -> None:
+        failed = failed or state.fetch_unallocated
+        state.fetch_unallocated = False
+        if failed and state.pending_fetch and self.block_return is not None:
+            # The fetched blocks hold no valid bytes: back to vLLM's pool.
+            self.block_return.return_failed(
+                req_id, state.block_ids[0], self._block_indices(state.pending_fetch)
+            )
         if state.pending_fetch and state.in_planner:
             self.planner.complete_fetch(req_id, state.pending_fetch, ok=not failed)
         state.pending_fetch = ()
+
+    def _block_indices(self, chunks: tuple[int, ...]) -> list[int]:
+        k = self.layout.groups[0].blocks_per_chunk
+        return [c * k + j for c in chunks for j in range(k)]
+
+    def _return_blocks(
+        self, req_id: str, state: _LSARequestState, fetch: tuple[int, ...],
+        evict: tuple[int, ...],
+    ) -> tuple[int, ...]:
+        """Free evicted chunks' blocks and take blocks for fetched ones.
+
+        Returns the fetches that got blocks (all or none); a refused fetch
+        settles as failed next step (the planner's fallback).
+        """
+        assert self.block_return is not None
+        ids = state.block_ids[0]
+        if evict:
+            # Bytes must be in the cold pool before vLLM can reuse the blocks.
+            assert max(evict) < state.stored_chunks, (req_id, evict)
+            self.block_return.evict(req_id, ids, self._block_indices(evict))
+        if fetch and not self.block_return.restore(req_id, ids, self._block_indices(fetch)):
+            logger.warning_once(
+                "LSA: vLLM's KV cache has no free blocks for a fetch; the request "
+                "keeps attending its resident chunks and falls back to full "
+                "residency at its next refresh."
+            )
+            state.fetch_unallocated = True
+            return ()
+        return fetch
 
     def _chunk_scores(self, req_id: str, state: _LSARequestState) -> torch.Tensor | None:
         if state.scores is None:
@@ -247,6 +309,7 @@ class LSAConnectorScheduler:
         steps: list[LSARequestStep] = []
         refresh_next: list[str] = []
         targets: list[RefreshTarget] = []
+        patches: list[BlockTablePatch] = []
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             state = self._requests.get(req_id)
             if state is None:
@@ -267,6 +330,14 @@ class LSAConnectorScheduler:
             if not state.unoffloadable and completed > state.stored_chunks:
                 store = tuple(range(state.stored_chunks, completed))
                 state.stored_chunks = completed
+            store_blocks = tuple(self._chunk_blocks(state, c) for c in store)
+            # Evicted chunks are named by the blocks they leave.
+            evict_blocks = tuple(self._chunk_blocks(state, c) for c in evict)
+            if self.block_return is not None:
+                fetch = self._return_blocks(req_id, state, fetch, evict)
+                patch = self.block_return.patch(req_id, state.block_ids[0])
+                if patch is not None:
+                    patches.append(patch)
             # Scores computed in this forward drive the refresh due next step.
             if (
                 not state.in_planner and computed + n_sched >= state.prompt_tokens
@@ -278,25 +349,33 @@ class LSAConnectorScheduler:
                 refresh_next.append(req_id)
                 indexer_blocks = state.block_ids[self._indexer_group]
                 if indexer_blocks:
+                    # The last block: never a hole (decode chunks stay resident).
+                    last = len(indexer_blocks) - 1
                     targets.append(
-                        RefreshTarget(req_id, indexer_blocks[0], computed + n_sched)
+                        RefreshTarget(
+                            req_id, indexer_blocks[last], computed + n_sched, last
+                        )
                     )
             if store or fetch or evict:
                 steps.append(
                     LSARequestStep(
                         req_id=req_id,
-                        store=tuple(self._chunk_blocks(state, c) for c in store),
+                        store=store_blocks,
                         fetch=tuple(self._chunk_blocks(state, c) for c in fetch),
-                        evict=tuple(self._chunk_blocks(state, c) for c in evict),
+                        evict=evict_blocks,
                         reserve_chunks=state.reserved_chunks,
                     )
                 )
         freed, self._deltas.freed = tuple(self._deltas.freed), []
+        block_return = self.block_return
         return LSAConnectorMetadata(
             requests=tuple(steps),
             finished_req_ids=freed,
             refresh_req_ids=tuple(refresh_next),
             refresh_targets=tuple(targets),
+            null_block_id=None if block_return is None else block_return.null_block_id,
+            block_table_patches=tuple(patches),
+            released_block_ids=() if block_return is None else block_return.take_released(),
         )
 
     def _advance(

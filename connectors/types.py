@@ -52,14 +52,38 @@ class RefreshTarget:
     """Where the model variant finds one request whose Memory Indexer scores are due.
 
     The worker does not know the model runner's batch order, so a request is named
-    by what the attention metadata carries: the physical id of its first block in
-    the native indexer's kv-cache group (unique among live requests: LSA serves
-    without prefix caching) and its sequence length after this step's forward.
+    by what the attention metadata carries: the physical id of one of its blocks
+    in the native indexer's kv-cache group, at a position that is never a hole
+    (its last block: decode chunks are always resident; ids are unique among live
+    requests because LSA serves without prefix caching), and its sequence length
+    after this step's forward.
     """
 
     req_id: str
-    first_block_id: int
+    anchor_block_id: int
     num_tokens: int
+    # Position of `anchor_block_id` in the request's block-table row.
+    anchor_block_index: int = 0
+
+
+@dataclass(frozen=True)
+class BlockTablePatch:
+    """Where a request's CSA block-table row differs from what vLLM's runner holds.
+
+    vLLM's worker block tables are append-only; evicted chunks hold the null
+    block and restored chunks hold new block ids, which only the connector knows.
+    The scheduler ships every difference every step the request runs (so a row
+    the runner rebuilt from its own bookkeeping is corrected too); the worker
+    writes them into the step's attention metadata before the forward.
+    """
+
+    req_id: str
+    # A never-holed block of the request (its last), to find its batch row.
+    anchor_block_index: int
+    anchor_block_id: int
+    # Row positions and the block ids they hold now (the null block id = a hole).
+    block_indices: tuple[int, ...]
+    block_ids: tuple[int, ...]
 
 
 @dataclass
@@ -74,6 +98,13 @@ class LSAConnectorMetadata(KVConnectorMetadata):
     refresh_req_ids: tuple[str, ...] = ()
     # The same requests, addressed for the model variant (see RefreshTarget).
     refresh_targets: tuple[RefreshTarget, ...] = ()
+    # Block return (None: evicted chunks are only masked, blocks stay allocated).
+    # vLLM's null block id: what a hole in a CSA block-table row holds.
+    null_block_id: int | None = None
+    block_table_patches: tuple[BlockTablePatch, ...] = ()
+    # Blocks that went back to vLLM's pool after a failed fetch into them: the
+    # worker drops their mask before vLLM hands them to another request.
+    released_block_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,7 @@ class LSAConnectorWorkerMetadata(KVConnectorWorkerMetadata):
 
 
 __all__ = [
+    "BlockTablePatch",
     "ChunkBlocks",
     "ChunkSelection",
     "LSAConnectorMetadata",

@@ -1,17 +1,24 @@
 """Worker half of the LSA connector: moves chunk bytes, keeps the residency map.
 
 Before each forward (`start_step`, called from `start_load_kv`, synchronous because
-the scheduler sets `has_sync_kv_loads`), per request and in this order:
+the scheduler sets `has_sync_kv_loads`), in this order over all requests:
 
 1. free the cold-pool chunks and residency of finished or released requests;
 2. store: copy each completed chunk's blocks (all CSA layers, main KV + indexer
-   keys) into one cold-pool row;
-3. fetch: copy cold-pool rows back into the chunk's blocks and mark them resident;
-   a failed fetch leaves the chunk non-resident (masked) and is reported, so the
-   request falls back to full residency next step instead of attending over a hole;
-4. evict: mark the chunk's blocks non-resident, so the native indexer's top-k skips
-   them (Eq. 6). The blocks stay allocated in vLLM's pool for now (see
-   docs/ARCHITECTURE.md, "Returning evicted blocks").
+   keys) into one cold-pool row, and keep the Memory Indexer layers' K^IComp of
+   the chunk in the `IndexerKeyStore` (a refresh reads them for every chunk);
+3. evict: with block return (the scheduler's `null_block_id` is set) the chunk's
+   blocks already went back to vLLM's pool and the request's block-table row holds
+   the null block there, which is masked; without it the chunk's own blocks are
+   masked, so the native indexer's top-k skips them (Eq. 6);
+4. fetch: copy cold-pool rows into the chunk's (possibly new) blocks and mark them
+   resident; a failed fetch leaves the chunk masked and is reported, so the
+   request falls back to full residency instead of attending over a hole;
+5. patch the step's attention metadata with the block-table differences the
+   scheduler shipped (holes, restored ids), before any layer reads it.
+
+Stores run before evictions and fetches for *all* requests, because a block one
+request frees this step may be the block another request's fetch fills.
 
 A cold-pool row is the concatenation, over CSA groups, blocks of the chunk and the
 group's moved layers, of each layer's block bytes padded to its page size.
@@ -20,14 +27,17 @@ group's moved layers, of each layer's block bytes padded to its page size.
 from __future__ import annotations
 
 import time
+
 import torch
-
 from vllm.logger import init_logger
-
+from vllm_flashmemory.connectors.block_table import patch_block_tables
+from vllm_flashmemory.connectors.key_store import IndexerKeyStore
 from vllm_flashmemory.connectors.layout import CSALayout
 from vllm_flashmemory.connectors.residency import ResidencyMap
 from vllm_flashmemory.connectors.stats import LSAKVConnectorStats
+from vllm_flashmemory.connectors.trace import LSATrace
 from vllm_flashmemory.connectors.types import (
+    BlockTablePatch,
     ChunkBlocks,
     ChunkSelection,
     LSAConnectorMetadata,
@@ -35,7 +45,7 @@ from vllm_flashmemory.connectors.types import (
     LSARequestStep,
     RefreshTarget,
 )
-from vllm_flashmemory.connectors.trace import LSATrace
+
 from vllm_flashmemory.core.cold_pool import ColdPool, ColdPoolConfig
 
 logger = init_logger(__name__)
@@ -50,6 +60,7 @@ class LSAConnectorWorker:
         cold_pool_config: ColdPoolConfig,
         compress_ratio: int,
         *,
+        key_cache_names: tuple[str, ...] = (),
         scrub_evicted_blocks: bool = False,
     ) -> None:
         self.layout = layout
@@ -73,6 +84,13 @@ class LSAConnectorWorker:
         self._trace = LSATrace("worker")
         # Trace only: request -> stored chunk -> its masked-group block ids.
         self._stored_blocks: dict[str, dict[int, list[int]]] = {}
+        # Memory Indexer keys of stored chunks (block return frees their blocks).
+        self.key_store = IndexerKeyStore(key_cache_names)
+        # Block return: vLLM's null block id (None: eviction only masks).
+        self.null_block_id: int | None = None
+        # Block return: request -> its chunks whose row positions hold no block.
+        self._holes: dict[str, set[int]] = {}
+        self._patches: tuple[BlockTablePatch, ...] = ()
 
     # ---- setup -----------------------------------------------------------------
 
@@ -155,6 +173,8 @@ class LSAConnectorWorker:
 
     def start_step(self, metadata: LSAConnectorMetadata) -> None:
         assert self.cold_pool is not None and self.residency is not None
+        self.null_block_id = metadata.null_block_id
+        self.residency.unblock(list(metadata.released_block_ids))
         for req_id in metadata.finished_req_ids:
             self._free(req_id)
         self.refresh_req_ids = metadata.refresh_req_ids
@@ -164,20 +184,60 @@ class LSAConnectorWorker:
             if step.reserve_chunks and not self.cold_pool.has_request(req_id):
                 self.cold_pool.reserve(req_id, step.reserve_chunks)
             if step.store:
-                self.cold_pool.batched_put(
-                    req_id, [c.chunk_id for c in step.store], self._gather(step.store)
-                )
-                self._stats.record_stores(len(step.store))
-            if step.fetch:
-                self._fetch(req_id, step.fetch)
+                self._store(req_id, step.store)
+        for step in metadata.requests:
             if step.evict:
-                if self.scrub_evicted_blocks:
-                    self._scrub(step.evict)
-                ids = self._mask_ids(step.evict)
-                self.residency.block(ids)
-                self._blocked.setdefault(req_id, set()).update(ids)
+                self._evict(step.req_id, step.evict)
+        for step in metadata.requests:
+            if step.fetch:
+                self._fetch(step.req_id, step.fetch)
             if self._trace.enabled:
                 self._trace_step(step)
+        self._update_null_mask()
+        self._patches = metadata.block_table_patches
+
+    def apply_block_table_patches(self, attn_metadata: object) -> None:
+        """Write the shipped holes/restores into this step's attention metadata."""
+        if self._patches and self.null_block_id is not None:
+            patch_block_tables(attn_metadata, self._patch_layer_names, self._patches)
+
+    @property
+    def _patch_layer_names(self) -> tuple[str, ...]:
+        return tuple(n for g in self.layout.groups for n in g.layer_names)
+
+    def _store(self, req_id: str, chunks: tuple[ChunkBlocks, ...]) -> None:
+        assert self.cold_pool is not None
+        self.cold_pool.batched_put(req_id, [c.chunk_id for c in chunks], self._gather(chunks))
+        group = self.layout.groups[self._mask_group]
+        for chunk in chunks:
+            for j, block in enumerate(chunk.block_ids[self._mask_group]):
+                index = chunk.chunk_id * group.blocks_per_chunk + j
+                self.key_store.put(req_id, index, self._caches, block)
+        self._stats.record_stores(len(chunks))
+
+    def _evict(self, req_id: str, chunks: tuple[ChunkBlocks, ...]) -> None:
+        assert self.residency is not None
+        if self.scrub_evicted_blocks:
+            self._scrub(chunks)
+        ids = self._mask_ids(chunks)
+        if self.null_block_id is not None:
+            # The blocks left the request (vLLM reuses them); the hole is the
+            # null block, masked while any hole exists. Drop any mask a failed
+            # fetch left on them.
+            self.residency.unblock(ids)
+            self._holes.setdefault(req_id, set()).update(c.chunk_id for c in chunks)
+            return
+        self.residency.block(ids)
+        self._blocked.setdefault(req_id, set()).update(ids)
+
+    def _update_null_mask(self) -> None:
+        assert self.residency is not None
+        if self.null_block_id is None:
+            return
+        if any(self._holes.values()):
+            self.residency.block([self.null_block_id])
+        else:
+            self.residency.unblock([self.null_block_id])
 
     def _trace_step(self, step: LSARequestStep) -> None:
         assert self.residency is not None
@@ -187,13 +247,18 @@ class LSAConnectorWorker:
         if not (step.fetch or step.evict):
             return
         blocked = self.residency.non_resident_blocks
+        holes = self._holes.get(step.req_id, set())
+        if self.null_block_id is not None:
+            attendable = sorted(set(stored) - holes)
+        else:
+            attendable = sorted(
+                c for c, ids in stored.items() if not any(bool(blocked[b]) for b in ids)
+            )
         self._trace.write(
             event="residency",
             req_id=step.req_id,
             stored=sorted(stored),
-            attendable=sorted(
-                c for c, ids in stored.items() if not any(bool(blocked[b]) for b in ids)
-            ),
+            attendable=attendable,
         )
 
     def _fetch(self, req_id: str, chunks: tuple[ChunkBlocks, ...]) -> None:
@@ -207,10 +272,15 @@ class LSAConnectorWorker:
             # block. The scheduler turns this into a full-residency fallback.
             logger.exception("LSA fetch of %d chunks for %s failed", len(chunks), req_id)
             self._failed.append(req_id)
+            if self.null_block_id is not None:
+                # The row will point at these fresh blocks: mask them until the
+                # scheduler hands them back (released_block_ids).
+                self.residency.block(self._mask_ids(chunks))
             return
         ids = self._mask_ids(chunks)
         self.residency.unblock(ids)
         self._blocked.get(req_id, set()).difference_update(ids)
+        self._holes.get(req_id, set()).difference_update(c.chunk_id for c in chunks)
         self._stats.record_fetch(
             len(chunks), len(chunks) * self.layout.chunk_bytes, time.perf_counter() - start
         )
@@ -223,6 +293,8 @@ class LSAConnectorWorker:
             self.cold_pool.free_request(req_id)
         self._selections.pop(req_id, None)
         self._stored_blocks.pop(req_id, None)
+        self._holes.pop(req_id, None)
+        self.key_store.free_request(req_id)
 
     # ---- Memory Indexer scores (published by the model variant) -----------------
 

@@ -60,8 +60,10 @@ from vllm_flashmemory.connectors.types import RefreshTarget
 from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer
 from vllm_flashmemory.core.rotation import hadamard_matrix
+from vllm_flashmemory.vllm.kv_groups import split_csa_kv_group
 from vllm_flashmemory.vllm.model_variant import (
     current_residency,
+    held_key_blocks,
     memory_indexer_targets,
     publish_memory_indexer_scores,
 )
@@ -157,7 +159,7 @@ class MemoryIndexerScorer:
         n = min(token_to_req.shape[0], positions.shape[0], hidden_states.shape[0])
         for target in targets:
             match = (
-                (block_table[:, 0] == target.first_block_id)
+                (block_table[:, target.anchor_block_index] == target.anchor_block_id)
                 & (seq_lens == target.num_tokens)
             ).nonzero()
             if match.numel() == 0:
@@ -169,26 +171,44 @@ class MemoryIndexerScorer:
             if rows.numel() == 0:
                 continue
             n_entries = target.num_tokens // native.compress_ratio
-            keys = self._read_keys(native.k_cache.kv_cache, block_table[r], n_entries)
+            null_id, held = held_key_blocks(target.req_id, native.k_cache.prefix)
+            keys = self._read_keys(
+                native.k_cache.kv_cache, block_table[r], n_entries, null_id, held
+            )
             entry = self._pending.setdefault(
                 target.req_id, (target.num_tokens, [None] * len(self._slot))
             )
             entry[1][slot] = (hidden_states[int(rows[0, 0])].float(), keys)
 
     def _read_keys(
-        self, kv_cache: torch.Tensor, block_row: torch.Tensor, n_entries: int
+        self,
+        kv_cache: torch.Tensor,
+        block_row: torch.Tensor,
+        n_entries: int,
+        null_block_id: int | None = None,
+        held: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """K^IComp of one request as [n_entries, Dh] fp32 in the Memory Indexer's space.
 
         A block of the index-K cache holds its E entries' fp8 values first
         (E x Dh bytes), then their fp32 scales (E x 4 bytes), as
-        `compress_norm_rope_store_indexer_cpu` writes them.
+        `compress_norm_rope_store_indexer_cpu` writes them. Row positions that
+        hold `null_block_id` (chunks whose blocks went back to vLLM) read the
+        copy the connector kept at store time (`held`, by row position).
         """
         dh = self._head_dim
         per_block = kv_cache.shape[1]  # E: the writer's kv_cache_block_size
         n_blocks = -(-n_entries // per_block)
         flat = kv_cache.view(kv_cache.shape[0], -1)  # [num_blocks, bytes]
-        data = flat[block_row[:n_blocks].long()]  # [n_blocks, bytes]
+        row = block_row[:n_blocks].long()
+        data = flat[row]  # [n_blocks, bytes]
+        if null_block_id is not None:
+            for i in (row == null_block_id).nonzero()[:, 0].tolist():
+                if i not in (held or {}):
+                    raise AssertionError(
+                        f"block {i} of the request is a hole with no stored keys"
+                    )
+                data[i] = held[i].reshape(-1).view(torch.uint8)
         k = data[:, : per_block * dh].contiguous().view(torch.float8_e4m3fn)
         k = k.view(n_blocks * per_block, dh)[:n_entries]  # [N, Dh]
         scale_bytes = data[:, per_block * dh : per_block * (dh + _SCALE_BYTES)]
@@ -295,6 +315,9 @@ class LSADeepseekV4ForCausalLM(_CPUDeepseekV4ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = lsa_config_of(vllm_config)
+        if config is not None:
+            # Evicted CSA chunks give their blocks back (kv_groups.py).
+            split_csa_kv_group(self)
         scorer = None
         if config is not None and config.threshold > 0 and config.indexer_path:
             scorer = MemoryIndexerScorer.load(config, vllm_config)

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from vllm.logger import init_logger
 
 from vllm_flashmemory.connectors.residency import ResidencyMap
@@ -41,7 +40,10 @@ logger = init_logger(__name__)
 
 
 def _lsa_connector() -> Any | None:
-    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+    from vllm.distributed.kv_transfer import (
+        get_kv_transfer_group,
+        has_kv_transfer_group,
+    )
 
     if not has_kv_transfer_group():
         return None
@@ -94,6 +96,19 @@ def memory_indexer_targets() -> tuple[RefreshTarget, ...]:
     return () if connector is None else connector.memory_indexer_targets
 
 
+def held_key_blocks(req_id: str, cache_name: str) -> tuple[int | None, dict[int, Any]]:
+    """(null block id, stored K^IComp blocks by row position) of one request.
+
+    With block return an evicted chunk's row positions hold the null block; the
+    Memory Indexer reads those positions' keys from the connector instead.
+    (None, {}) without an LSAConnector or without block return.
+    """
+    connector = _lsa_connector()
+    if connector is None:
+        return None, {}
+    return connector.held_key_blocks(req_id, cache_name)
+
+
 def publish_memory_indexer_scores(
     req_id: str, entry_scores: torch.Tensor, threshold: float, entries_per_chunk: int
 ) -> None:
@@ -112,6 +127,7 @@ def publish_memory_indexer_scores(
 __all__ = [
     "current_residency",
     "drop_nonresident_topk",
+    "held_key_blocks",
     "mask_nonresident_logits",
     "memory_indexer_req_ids",
     "memory_indexer_targets",
