@@ -225,18 +225,22 @@ def test_spec_keeps_what_vllm_cpu_needs():
 def test_committed_checkpoint_loads_and_records_its_command():
     from vllm_flashmemory.dsv4.checkpoint import load_hf_model
 
-    size = sum(f.stat().st_size for f in ASSET.iterdir())
-    assert size < 32 * 2**20
+    weights = (ASSET / "model.safetensors").stat().st_size
+    assert weights < 32 * 2**20
     assert json.loads((ASSET / "config.json").read_text()) == json.loads(
         json.dumps(bb.BACKBONE_SPEC.official_config())
     )
-    for meta in sorted(ASSET.glob("backbone_meta_stage*.json")):
-        m = json.loads(meta.read_text())
-        assert m["command"].startswith("flashmemory train-backbone --out")
-        assert isinstance(m["seed"], int)
+    meta = json.loads((ASSET / "backbone_meta.json").read_text())
+    for stage in meta["stages"]:
+        assert stage["command"].startswith("flashmemory train-backbone ")
+        assert f"--seed {stage['seed']}" in stage["command"]
+    for log in meta["logs"]:  # every stage's log opens with its config
+        head = [json.loads(r) for r in (ASSET / log).read_text().splitlines()[:2]]
+        assert any(r["phase"] == "start" and "config" in r for r in head)
     model = load_hf_model(ASSET)
-    assert sum(p.numel() for p in model.parameters()) == 14458871
+    assert sum(p.numel() for p in model.parameters()) == meta["params"]
     assert (ASSET / "tokenizer.json").is_file()
+    assert (ASSET / "indexer" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(
