@@ -54,9 +54,9 @@ from vllm_flashmemory.vllm.cuda.residency_ops import (
 from vllm_flashmemory.vllm.cuda.scorer import CUDAMemoryIndexerScorer
 from vllm_flashmemory.vllm.cuda.support import (
     check_lsa_cuda_support,
-    lsa_config_of,
     rebind_custom_op_forward,
 )
+from vllm_flashmemory.vllm.model_variant import lsa_config_of
 
 _CUDA_MODEL = "vllm.models.deepseek_v4.nvidia.model"
 

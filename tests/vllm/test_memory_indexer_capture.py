@@ -22,6 +22,7 @@ from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from vllm_flashmemory.core.rotation import hadamard_matrix
 from vllm_flashmemory.vllm import model as variant
+from vllm_flashmemory.vllm import model_variant as seam
 
 E, DH, D = 4, 128, 256  # entries per block, key width, hidden width
 
@@ -78,7 +79,7 @@ def test_observe_publishes_memory_indexer_scores(indexer, monkeypatch) -> None:
         variant, "memory_indexer_targets", lambda: (RefreshTarget("r0", 2, 41),)
     )
     monkeypatch.setattr(
-        variant, "publish_memory_indexer_scores", lambda *a: published.append(a)
+        seam, "publish_memory_indexer_scores", lambda *a: published.append(a)
     )
     config = LSAConfig(indexer_layers=(1, 3), chunk_tokens=16)
     scorer = variant.MemoryIndexerScorer(config, indexer, keys_rotated=False)

@@ -55,7 +55,7 @@ from vllm.models.deepseek_v4.cpu.model import (
     DeepseekV4ForCausalLM as _CPUDeepseekV4ForCausalLM,
 )
 
-from vllm_flashmemory.connectors.startup import expected_indexer_config, extra_config_of
+from vllm_flashmemory.connectors.startup import expected_indexer_config
 from vllm_flashmemory.connectors.types import RefreshTarget
 from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer
@@ -64,23 +64,15 @@ from vllm_flashmemory.vllm.kv_groups import split_csa_kv_group
 from vllm_flashmemory.vllm.model_variant import (
     current_residency,
     held_key_blocks,
+    lsa_config_of,
     memory_indexer_targets,
-    publish_memory_indexer_scores,
+    score_and_publish,
 )
 
 logger = init_logger(__name__)
 
-CONNECTOR_NAME = "LSAConnector"
 # Bytes of one cached K^IComp entry's scale (fp32), after its 128 fp8 values.
 _SCALE_BYTES = 4
-
-
-def lsa_config_of(vllm_config: VllmConfig) -> LSAConfig | None:
-    """The LSAConfig when the engine's KV connector is the LSAConnector, else None."""
-    kv = vllm_config.kv_transfer_config
-    if kv is None or kv.kv_connector != CONNECTOR_NAME:
-        return None
-    return LSAConfig.from_extra_config(extra_config_of(vllm_config))
 
 
 class MemoryIndexerScorer:
@@ -220,26 +212,7 @@ class MemoryIndexerScorer:
 
     def _score_and_publish(self) -> None:
         pending, self._pending = self._pending, {}
-        cfg = self.config
-        for req_id, (num_tokens, per_slot) in pending.items():
-            if any(x is None for x in per_slot):
-                continue
-            n = min(keys.shape[0] for _, keys in per_slot)
-            if n == 0:
-                continue
-            hidden = torch.stack([h for h, _ in per_slot])[:, None, :]  # [L, 1, D]
-            keys = torch.stack([k[:n] for _, k in per_slot])  # [L, N, Dh]
-            position = torch.tensor([num_tokens - 1], dtype=torch.long)  # [1]
-            scores = self.indexer(hidden, position, keys)  # [L, 1, N]  Eq. 4
-            # Eq. 13: "or" = max over layers (threshold of the max = union).
-            per_layer = scores[:, 0]  # [L, N]
-            entry_scores = (
-                per_layer.amax(0) if cfg.routing == "or" else per_layer.mean(0)
-            )  # [N]
-            publish_memory_indexer_scores(
-                req_id, entry_scores, cfg.threshold, cfg.entries_per_chunk
-            )
-            self.published += 1
+        self.published += score_and_publish(self.indexer, pending, self.config)
 
 
 class LSADeepseekV4CPUIndexer(DeepseekV4CPUIndexer):

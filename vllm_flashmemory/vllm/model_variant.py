@@ -33,8 +33,12 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_flashmemory.connectors.residency import ResidencyMap
+from vllm_flashmemory.connectors.startup import extra_config_of
 from vllm_flashmemory.connectors.types import RefreshTarget
+from vllm_flashmemory.core.config import LSAConfig
+from vllm_flashmemory.core.memory_indexer import MemoryIndexer
 from vllm_flashmemory.core.residency_planner import chunk_scores_from_entries
+from vllm_flashmemory.triton_ops.memory_indexer_score import combine_layers_ref
 
 logger = init_logger(__name__)
 
@@ -124,12 +128,50 @@ def publish_memory_indexer_scores(
     connector.record_memory_indexer_scores(req_id, tuple(chunk.tolist()), selected)
 
 
+def lsa_config_of(vllm_config: Any) -> LSAConfig | None:
+    """The LSAConfig when the engine's KV connector is the LSAConnector, else None."""
+    from vllm_flashmemory.vllm import CONNECTOR_NAME
+
+    kv = vllm_config.kv_transfer_config
+    if kv is None or kv.kv_connector != CONNECTOR_NAME:
+        return None
+    return LSAConfig.from_extra_config(extra_config_of(vllm_config))
+
+
+# req_id -> (tokens so far, per Memory Indexer layer: (hidden [D], keys [N, Dh]) or None)
+PendingScores = dict[str, tuple[int, list[tuple[torch.Tensor, torch.Tensor] | None]]]
+
+
+def score_and_publish(indexer: MemoryIndexer, pending: PendingScores, cfg: LSAConfig) -> int:
+    """Score every request whose Memory Indexer layers were all captured in this
+    forward (Eq. 4, layers combined by Eq. 13) and publish; returns how many."""
+    published = 0
+    for req_id, (num_tokens, per_slot) in pending.items():
+        if any(x is None for x in per_slot):
+            continue
+        n = min(keys.shape[0] for _, keys in per_slot)
+        if n == 0:
+            continue
+        hidden = torch.stack([h for h, _ in per_slot])[:, None, :]  # [L, 1, D]
+        keys = torch.stack([k[:n] for _, k in per_slot])  # [L, N, Dh]
+        position = torch.tensor([num_tokens - 1], device=hidden.device)  # [1]
+        with torch.no_grad():
+            scores = indexer(hidden, position, keys)  # [L, 1, N]  Eq. 4
+        entry_scores = combine_layers_ref(scores, cfg.routing)[0]  # [N]  Eq. 13
+        publish_memory_indexer_scores(req_id, entry_scores, cfg.threshold, cfg.entries_per_chunk)
+        published += 1
+    return published
+
+
 __all__ = [
+    "PendingScores",
     "current_residency",
     "drop_nonresident_topk",
     "held_key_blocks",
+    "lsa_config_of",
     "mask_nonresident_logits",
     "memory_indexer_req_ids",
     "memory_indexer_targets",
     "publish_memory_indexer_scores",
+    "score_and_publish",
 ]

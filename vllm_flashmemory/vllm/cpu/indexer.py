@@ -28,7 +28,6 @@ and ``topk_transform_512_cpu``.
 from typing import Any
 
 import torch
-
 from vllm import _custom_ops as ops
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger

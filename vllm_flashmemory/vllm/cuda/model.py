@@ -61,12 +61,12 @@ from vllm_flashmemory.vllm.cuda.residency_ops import (
 from vllm_flashmemory.vllm.cuda.scorer import CUDAMemoryIndexerScorer
 from vllm_flashmemory.vllm.cuda.support import (
     check_lsa_cuda_support,
-    lsa_config_of,
     rebind_custom_op_forward,
 )
 from vllm_flashmemory.vllm.model_variant import (
     current_residency,
     drop_nonresident_topk,
+    lsa_config_of,
     memory_indexer_targets,
 )
 

@@ -22,11 +22,10 @@ from vllm_flashmemory.connectors.types import RefreshTarget
 from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer
 from vllm_flashmemory.core.rotation import hadamard_matrix
-from vllm_flashmemory.triton_ops.memory_indexer_score import combine_layers_ref
 from vllm_flashmemory.vllm.cuda.residency_ops import find_request_row, read_k_icomp
 from vllm_flashmemory.vllm.model_variant import (
     memory_indexer_targets,
-    publish_memory_indexer_scores,
+    score_and_publish,
 )
 
 if TYPE_CHECKING:
@@ -157,23 +156,7 @@ class CUDAMemoryIndexerScorer:
 
     def _score_and_publish(self) -> None:
         pending, self._pending = self._pending, {}
-        cfg = self.config
-        for req_id, (num_tokens, per_slot) in pending.items():
-            if any(x is None for x in per_slot):
-                continue
-            n = min(keys.shape[0] for _, keys in per_slot)
-            if n == 0:
-                continue
-            hidden = torch.stack([h for h, _ in per_slot])[:, None, :]  # [L, 1, D]
-            keys = torch.stack([k[:n] for _, k in per_slot])  # [L, N, Dh]
-            position = torch.tensor([num_tokens - 1], device=hidden.device)  # [1]
-            with torch.no_grad():
-                scores = self.indexer(hidden, position, keys)  # [L, 1, N]  Eq. 4
-            entry_scores = combine_layers_ref(scores, cfg.routing)[0]  # [N]  Eq. 13
-            publish_memory_indexer_scores(
-                req_id, entry_scores, cfg.threshold, cfg.entries_per_chunk
-            )
-            self.published += 1
+        self.published += score_and_publish(self.indexer, pending, self.config)
 
 
 __all__ = ["CUDAMemoryIndexerScorer"]

@@ -8,20 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vllm_flashmemory.connectors.startup import extra_config_of
-from vllm_flashmemory.core.config import LSAConfig
 from vllm_flashmemory.vllm import CONNECTOR_NAME
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-
-
-def lsa_config_of(vllm_config: VllmConfig) -> LSAConfig | None:
-    """The LSAConfig when the engine's KV connector is the LSAConnector, else None."""
-    kv = vllm_config.kv_transfer_config
-    if kv is None or kv.kv_connector != CONNECTOR_NAME:
-        return None
-    return LSAConfig.from_extra_config(extra_config_of(vllm_config))
 
 
 def check_lsa_cuda_support(vllm_config: VllmConfig) -> None:
@@ -55,4 +45,4 @@ def rebind_custom_op_forward(op: Any) -> None:
     )
 
 
-__all__ = ["check_lsa_cuda_support", "lsa_config_of", "rebind_custom_op_forward"]
+__all__ = ["check_lsa_cuda_support", "rebind_custom_op_forward"]
