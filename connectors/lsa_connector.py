@@ -35,6 +35,7 @@ from vllm_flashmemory.connectors.types import LSAConnectorMetadata, RefreshTarge
 from vllm_flashmemory.connectors.worker import LSAConnectorWorker
 
 from vllm_flashmemory.core.config import LSAConfig
+from vllm_flashmemory.core.footprint import geometry_for
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
@@ -68,6 +69,10 @@ class LSAConnector(KVConnectorBase_V1, SupportsHMA):
                 startup.layout,
                 startup.cold_pool.capacity_chunks,
                 startup.max_model_len,
+                geometry=geometry_for(
+                    vllm_config.model_config.hf_config,
+                    len(startup.config.indexer_layers),
+                ),
             )
             cfg = startup.config
             logger.info_once(

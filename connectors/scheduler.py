@@ -25,6 +25,7 @@ not fit is kept fully resident (`ResidencyPlanner.cold_pool_full`), never droppe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ from vllm_flashmemory.connectors.types import (
 )
 
 from vllm_flashmemory.core.config import LSAConfig
+from vllm_flashmemory.core.footprint import KVGeometry
 from vllm_flashmemory.core.residency_planner import ResidencyPlanner
 
 if TYPE_CHECKING:
@@ -99,10 +101,30 @@ class LSAConnectorScheduler:
         layout: CSALayout,
         cold_pool_capacity_chunks: int,
         max_model_len: int,
+        geometry: KVGeometry | None = None,
     ) -> None:
+        """geometry: the served model's KVGeometry (`core.footprint.geometry_for` of
+        its config, built once at startup); the planner's footprint, and so the
+        `kv_bytes_*` gauges, use it. None: Flash byte sizes with the layout's CSA
+        layer count (for callers without a model config)."""
         self.config = config
         self.layout = layout
-        self.planner = ResidencyPlanner(config)
+        if geometry is None:
+            geometry = dataclasses.replace(
+                KVGeometry(),
+                n_csa_layers=len(layout.layers),
+                n_memory_indexer_layers=min(
+                    len(config.indexer_layers), len(layout.layers)
+                ),
+            )
+        if geometry.n_csa_layers != len(layout.layers):
+            raise ValueError(
+                f"KVGeometry.n_csa_layers={geometry.n_csa_layers} but the KV cache "
+                f"config has {len(layout.layers)} CSA layers; build the geometry "
+                "from the served model's config (core.footprint.geometry_for)."
+            )
+        self.geometry = geometry
+        self.planner = ResidencyPlanner(config, geometry)
         self.cold_pool_capacity_chunks = cold_pool_capacity_chunks
         self.max_model_len = max_model_len
         self._free_cold_chunks = cold_pool_capacity_chunks
@@ -448,7 +470,15 @@ class LSAConnectorScheduler:
         resident = planner_stats.resident_chunks
         total = planner_stats.total_chunks
         cold = sum(len(self.planner.cold_chunks(r)) for r in self.planner.request_ids())
-        stats.record_levels(resident, total, cold)
+        # DESIGN.md "Footprint", summed over the planner's live requests.
+        footprint = self.planner.total_footprint()
+        stats.record_levels(
+            resident,
+            total,
+            cold,
+            kv_bytes_gpu=footprint.kv_bytes_gpu,
+            kv_bytes_full=footprint.kv_bytes_full,
+        )
         if self._deltas.evicted_chunks:
             stats.record_evictions(self._deltas.evicted_chunks)
         fallbacks = planner_stats.fallbacks

