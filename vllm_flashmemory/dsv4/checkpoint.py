@@ -242,3 +242,34 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner._buffers[leaf] = value
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device other than cpu or cuda, and cuda without a GPU."""
+    if device not in DEVICES:
+        raise ValueError(
+            f"--device {device!r} is not supported; use --device cpu (the default) "
+            "or --device cuda (one NVIDIA GPU)."
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda but torch.cuda.is_available() is False (no GPU, or a "
+            "CPU-only torch build); use --device cpu, or install a CUDA build of "
+            "torch on a GPU machine."
+        )
+
+
+def load_model_on(model_dir: str | os.PathLike[str], device: str) -> DeepseekV4ForCausalLM:
+    """load_hf_model in fp32 on `device`; on cuda the MoE experts use transformers'
+    grouped_mm implementation when it has one (as backbone training does)."""
+    check_device(device)
+    model = load_hf_model(model_dir)
+    if device == "cpu":
+        return model
+    model = model.to(device)
+    set_impl = getattr(model, "set_experts_implementation", None)
+    if set_impl is not None:
+        set_impl("grouped_mm")
+    logger.info("model on %s (%s), fp32", device, torch.cuda.get_device_name())
+    return model

@@ -27,10 +27,15 @@ from pathlib import Path
 
 import torch
 
-from vllm_flashmemory.dsv4.capture import IndexerCapture, chunked_forward, mask_to_doc
-from vllm_flashmemory.dsv4.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_hf_model
 from vllm_flashmemory.core.atomic import atomic_save_tensors, atomic_write_text
 from vllm_flashmemory.core.rotation import hadamard_rotate
+from vllm_flashmemory.dsv4.capture import IndexerCapture, chunked_forward, mask_to_doc
+from vllm_flashmemory.dsv4.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_device,
+    load_model_on,
+)
 from vllm_flashmemory.offline.documents import Document, read_jsonl, synthetic_documents
 
 logger = logging.getLogger(__name__)
@@ -64,17 +69,7 @@ class HarvestConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(
-                f"--device {self.device!r} is not supported; use --device cpu (the "
-                "default) or --device cuda (one NVIDIA GPU)."
-            )
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                "--device cuda but torch.cuda.is_available() is False (no GPU, or a "
-                "CPU-only torch build); use --device cpu, or install a CUDA build of "
-                "torch on a GPU machine."
-            )
+        check_device(self.device)
         folder = Path(self.model)
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             raise ValueError(
@@ -180,7 +175,7 @@ def harvest(
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     if model is None:
-        model = load_model(cfg.model, cfg.device)
+        model = load_model_on(cfg.model, cfg.device)
     device = next(model.parameters()).device
     total = sum(len(ids) for e, ids in zip(manifest["documents"], token_ids) if not e["complete"])
     from tqdm import tqdm
@@ -241,20 +236,6 @@ def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_writt
             [hadamard_rotate(c.k_icomp[:n_entries].cpu()) for c in cap.layers]
         )
     atomic_save_tensors(doc_dir / KEYS_FILE, {"k_icomp": k_icomp.contiguous()})
-
-
-def load_model(model_dir: str, device: str = "cpu") -> torch.nn.Module:
-    """load_hf_model in fp32 on `device`; on cuda the MoE experts use transformers'
-    grouped_mm implementation when it has one (as backbone training does)."""
-    model = load_hf_model(model_dir)
-    if device == "cpu":
-        return model
-    model = model.to(device)
-    set_impl = getattr(model, "set_experts_implementation", None)
-    if set_impl is not None:
-        set_impl("grouped_mm")
-    logger.info("model on %s (%s), fp32", device, torch.cuda.get_device_name())
-    return model
 
 
 def _shard_name(k: int) -> str:

@@ -82,6 +82,8 @@ class EvalConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        from vllm_flashmemory.dsv4.checkpoint import check_device
+
         check_device(self.device)
         if not self.tasks:
             raise ValueError("--tasks is empty; name at least one task, e.g. niah_single_1.")
@@ -96,46 +98,6 @@ class EvalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a positive integer.")
-
-
-DEVICES = ("cpu", "cuda")
-
-
-def check_device(device: str) -> None:
-    """Refuse a --device other than cpu or cuda, and cuda without a GPU."""
-    if device not in DEVICES:
-        raise ValueError(
-            f"--device {device!r} is not supported; use --device cpu (the default) "
-            "or --device cuda (one NVIDIA GPU)."
-        )
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "--device cuda but torch.cuda.is_available() is False (no GPU, or a "
-                "CPU-only torch build); use --device cpu, or install a CUDA build of "
-                "torch on a GPU machine."
-            )
-
-
-def load_model_on(model_path, device: str):
-    """load_hf_model(model_path) in fp32 on `device`; on cuda the MoE experts use
-    transformers' grouped_mm implementation when it has one (as training does)."""
-    import torch
-
-    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
-
-    check_device(device)
-    model = load_hf_model(model_path)
-    if device == "cpu":
-        return model
-    model = model.to(device)
-    set_impl = getattr(model, "set_experts_implementation", None)
-    if set_impl is not None:
-        set_impl("grouped_mm")
-    logger.info("model on %s (%s), fp32", device, torch.cuda.get_device_name())
-    return model
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -405,6 +367,7 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
     from transformers import AutoTokenizer
 
     from vllm_flashmemory.core.memory_indexer import MemoryIndexer
+    from vllm_flashmemory.dsv4.checkpoint import load_model_on
     from vllm_flashmemory.reference.engine import EngineConfig, ReferenceEngine
 
     model_path, indexer_path = resolve_model_paths(cfg.model, cfg.indexer)
