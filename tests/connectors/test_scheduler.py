@@ -306,6 +306,7 @@ def test_geometry_for_reads_the_served_config() -> None:
         + ["compressed_sparse_attention", "heavily_compressed_attention"] * 3
         + ["compressed_sparse_attention"],
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        num_hidden_layers=9,  # every DeepSeek-V4 config carries it
         sliding_window=128,
     )
     assert geometry_for(modern, 1) == geometry

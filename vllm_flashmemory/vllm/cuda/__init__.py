@@ -3,7 +3,8 @@
 NOT RUN ON A GPU: it was written against vLLM 0.33.0's source and is imported and
 unit-tested on CPU only.
 
-- ``config_format``: per-layer compression ratios from either config format
+- (``core.config_format``: per-layer compression ratios from either config format,
+  shared with the KV footprint)
   (0.32 ``compress_ratios``, 0.33 ``compress_rates`` + ``layer_types``);
 - ``residency_ops``: Eq. 6 as vLLM's candidate-block filter, K^IComp reads (torch);
 - ``scorer``: the Memory Indexer inside the CUDA forward;

@@ -52,7 +52,7 @@ from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 
 from vllm_flashmemory.core.config import LSAConfig
-from vllm_flashmemory.vllm.cuda.config_format import csa_layer_ids
+from vllm_flashmemory.core.config_format import csa_layer_ids
 from vllm_flashmemory.vllm.cuda.residency_ops import (
     batch_rows,
     candidate_buffer,
