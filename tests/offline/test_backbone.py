@@ -194,6 +194,29 @@ def test_lm_loss_separates_answer_and_context():
     assert total.item() == pytest.approx(0.5 * ctx.item())
 
 
+def test_lead_mask_marks_the_first_two_tokens_of_every_answer_span():
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    want = torch.tensor([[0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(bb.lead_mask(mask), want)
+
+
+def test_lead_weight_scales_only_the_lead_tokens():
+    ids = torch.tensor([[0, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[False, False, True, True, True, True]])
+    logits = torch.full((1, 6, 20), -30.0)
+    for t in range(5):
+        logits[0, t, ids[0, t + 1]] = 30.0
+    logits[0, 1, 11] = 0.0  # the lead token (target 11) uniform: CE = log 20
+    logits[0, 1] = 0.0
+    _, plain, _ = bb.lm_loss(logits, ids, mask, context_weight=0.0)
+    _, heavy, _ = bb.lm_loss(logits, ids, mask, context_weight=0.0, lead_weight=3.0)
+    log20 = torch.log(torch.tensor(20.0)).item()
+    assert plain.item() == pytest.approx(log20 / 4, rel=1e-4)  # 1 wrong of 4 answers
+    assert heavy.item() == pytest.approx(3 * log20 / 8, rel=1e-4)  # weights 3,3,1,1
+    with pytest.raises(ValueError, match="lead_weight=0.5"):
+        bb.BackboneTrainConfig(out="x", lead_weight=0.5)
+
+
 def test_answer_text_follows_the_context_order():
     s = tasks.TaskSample(
         "x", "niah_multivalue", "... 222 ... 111 ...", "q", ("111", "222")
