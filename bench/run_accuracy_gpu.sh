@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The accuracy pipeline of docs/RESULTS.md on one GPU, from a backbone folder:
 #   [continue training the backbone TRAIN_MIN minutes] -> task documents -> harvest ->
-#   label -> train the Memory Indexer -> `flashmemory eval` grid (stops at DEADLINE_S).
+#   label -> train the Memory Indexer (with its threshold sweep) -> pick the threshold
+#   -> `flashmemory eval --workers` grid, stopped at DEADLINE_S (finished cells kept).
 # Usage (repo root): OUT=runs/acc BB=vllm_flashmemory/assets/backbone bash bench/run_accuracy_gpu.sh
+#   INDEXER=DIR skips harvest/label/train and evaluates with that Memory Indexer.
+#   THRESHOLD=x fixes the threshold; otherwise the lowest swept threshold whose held-out
+#   chunk resident fraction is <= RESIDENT_TARGET (historical chunks, at EVAL_CHUNK).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
 DEVICE=${DEVICE:-cuda}; TRAIN_MIN=${TRAIN_MIN:-0}; DEADLINE_S=${DEADLINE_S:-570}
-DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_multikey_1,niah_multikey_2,vt,no_context}
-DOC_LEN=${DOC_LEN:-2048}; DOC_N=${DOC_N:-8}; PROMPT=${PROMPT:-1536}
-TASKS=${TASKS:-niah_single_1,niah_single_2,niah_multikey_1,vt,no_context}
-LENGTHS=${LENGTHS:-2k,4k}; METHODS=${METHODS:-full,lsa,recency,random,oracle10}; N=${N:-8}
-WORK=${WORK:-/tmp/acc}; T0=$(date +%s)
+DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue,niah_multiquery,vt,no_context}
+DOC_LEN=${DOC_LEN:-4096}; DOC_N=${DOC_N:-8}; PROMPT=${PROMPT:-$((DOC_LEN - 512))}
+EVAL_CHUNK=${EVAL_CHUNK:-64}; RESIDENT_TARGET=${RESIDENT_TARGET:-0.03}
+TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,no_context}
+LENGTHS=${LENGTHS:-16k}; METHODS=${METHODS:-full,lsa,recency,random,oracle10,quest}
+N=${N:-16}; WORKERS=${WORKERS:-11}; WORK=${WORK:-/tmp/acc}; T0=$(date +%s)
 CLI="bash scripts/gpu_cli.sh"
 mkdir -p "$OUT" "$WORK"
 if [ "$TRAIN_MIN" != 0 ]; then
@@ -23,15 +28,28 @@ if [ "$TRAIN_MIN" != 0 ]; then
   cp "$BB/training_log.jsonl" "$OUT/"
 fi
 export PYTHONPATH=/tmp/site:$PWD
-python3 scripts/task_documents.py --tasks "$DOC_TASKS" --length "$DOC_LEN" --n "$DOC_N" --out "$WORK/docs.jsonl"
-$CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl" \
-  --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --no-progress
-$CLI label "$WORK/harvest"
-$CLI train "$WORK/harvest" --out-dir "$WORK/train" --no-progress | tail -5
-tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
-echo "indexer ready at $(( $(date +%s) - T0 )) s"
+if [ -z "${INDEXER:-}" ]; then
+  python3 scripts/task_documents.py --tasks "$DOC_TASKS" --length "$DOC_LEN" --n "$DOC_N" --out "$WORK/docs.jsonl"
+  $CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl" \
+    --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --no-progress | tail -3
+  $CLI label "$WORK/harvest" | tail -3
+  $CLI train "$WORK/harvest" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" --no-progress | tail -16
+  tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
+  INDEXER=$WORK/train/indexer
+  echo "indexer ready at $(( $(date +%s) - T0 )) s"
+fi
+if [ -z "${THRESHOLD:-}" ]; then
+  THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'
+import json, sys
+sweep = json.load(open(sys.argv[1]))["threshold_sweep"]
+ok = [r["threshold"] for r in sweep if (r["chunk_resident_fraction"] or 1.0) <= float(sys.argv[2])]
+print(min(ok) if ok else max(r["threshold"] for r in sweep))
+PY
+)
+fi
+echo "threshold $THRESHOLD"
 LEFT=$(( DEADLINE_S - ($(date +%s) - T0) ))
-timeout "$LEFT" $CLI eval --model "$BB" --indexer "$WORK/train/indexer" --tasks "$TASKS" \
-  --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --json "$OUT/grid.json" \
-  --plot "$OUT/grid.png" --device "$DEVICE" --no-progress
-echo "eval exit $? at $(( $(date +%s) - T0 )) s"
+timeout "$LEFT" $CLI eval --model "$BB" --indexer "$INDEXER" --tasks "$TASKS" \
+  --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --threshold "$THRESHOLD" \
+  --workers "$WORKERS" --json "$OUT/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
+echo "eval exit ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s"

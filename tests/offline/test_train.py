@@ -10,13 +10,16 @@ Scenarios:
 - training on a learnable synthetic harvest lifts held-out precision from the untrained
   indexer's base rate to > 0.8 with recall > 0.8, keeps the resident fraction near the golden fraction, and
   writes a loadable checkpoint, metrics.json (matching the result) and a PNG plot;
+- metrics.json's threshold sweep covers 0.05-0.9, its resident fractions do not rise
+  with the threshold, and its row at cfg.threshold is the final overall metrics;
 - resuming after 2 of 3 epochs reproduces the uninterrupted 3-epoch run exactly;
 - evaluate_indexer counts by hand on a fixed model; threshold 0 selects everything;
+  threshold_sweep sorts and dedupes thresholds and matches evaluate_indexer at each;
 - context buckets on power-of-two edges;
 - the indexer's rope geometry comes from the manifest, else from the harvested model's
   config.json (tiny model: YaRN over 4096 original positions);
 - refusals: an indexer layer without hidden states, bad TrainConfig values;
-- the CLI runs end to end and prints the bucket table.
+- the CLI runs end to end and prints the bucket table and the threshold sweep.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from vllm_flashmemory.offline.dataset import (
     HarvestManifest,
     load_document,
 )
-from vllm_flashmemory.offline.metrics import bucket_name, evaluate_indexer
+from vllm_flashmemory.offline.metrics import (
+    SWEEP_THRESHOLDS,
+    bucket_name,
+    evaluate_indexer,
+    threshold_sweep,
+)
 from vllm_flashmemory.offline.train import (
     TrainConfig,
     build_indexer_config,
@@ -95,13 +103,13 @@ def test_window_weighting():
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        data_dir=str(tmp_path / "h"),
-        out_dir=str(tmp_path / "o"),
-        epochs=6,
-        progress=False,
-        chunk_tokens=64,
-    )
+    base = {
+        "data_dir": str(tmp_path / "h"),
+        "out_dir": str(tmp_path / "o"),
+        "epochs": 6,
+        "progress": False,
+        "chunk_tokens": 64,
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -133,6 +141,17 @@ def test_train_learns_and_writes_outputs(tmp_path):
         and len(saved["history"]) == 6
     )
     assert res.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = saved["threshold_sweep"]
+    assert sweep == json.loads(json.dumps(res.threshold_sweep))
+    assert [t["threshold"] for t in sweep] == list(SWEEP_THRESHOLDS)
+    resident = [t["resident_fraction"] for t in sweep]
+    chunk_resident = [t["chunk_resident_fraction"] for t in sweep]
+    assert resident == sorted(resident, reverse=True) and resident[0] > resident[-1]
+    assert chunk_resident == sorted(chunk_resident, reverse=True)
+    (at_cfg,) = [t for t in sweep if t["threshold"] == 0.5]
+    assert {k: v for k, v in at_cfg.items() if k != "threshold"} == {
+        k: saved["final"]["overall"][k] for k in at_cfg if k != "threshold"
+    }
     assert not [p for p in res.checkpoint.parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -143,7 +162,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     resumed = train(_cfg(tmp_path, epochs=3, out_dir=str(tmp_path / "b"), resume=True))
     strip = lambda h: [
         {k: v for k, v in e.items() if k != "seconds"} for e in h
-    ]  # noqa: E731
+    ]
     assert strip(resumed.history) == strip(straight.history)
     a = MemoryIndexer.load(straight.checkpoint).state_dict()
     b = MemoryIndexer.load(resumed.checkpoint).state_dict()
@@ -184,6 +203,13 @@ def test_evaluate_counts_by_hand():
     assert everything["chunk_resident_fraction"] == 1.0 and everything[
         "precision"
     ] == pytest.approx(3 / 16)
+    # The sweep scores once and thresholds many times: same numbers, ascending.
+    sweep = threshold_sweep(model, [doc], (0.5, 0.0, 0.3, 0.5), entries_per_chunk=4)
+    assert [t["threshold"] for t in sweep] == [0.0, 0.3, 0.5]
+    for t in sweep:
+        one = evaluate_indexer(model, [doc], t["threshold"], entries_per_chunk=4)
+        assert t == {"threshold": t["threshold"], **{k: one.overall[k] for k in t
+                                                       if k != "threshold"}}
 
 
 def test_buckets():
@@ -227,6 +253,7 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "recall" in out and "0-1K" in out and "threshold 0.5" in out
+    assert "threshold sweep" in out and "chunk resident" in out
     assert (tmp_path / "o" / "indexer" / "config.json").is_file()
 
 

@@ -9,10 +9,17 @@ Scenarios:
   only the missing cells.
 - a foreign JSON file at --json is refused instead of overwritten.
 - no backbone anywhere gives a message naming `flashmemory demo`.
+- --workers: the missing cells split round-robin, longest first, each exactly once;
+  merged rows keep the main file's row of a cell; --cells restricts run_eval; the
+  worker command keeps every setting; a fake two-worker run merges a killed run's
+  shard, a finished worker and a dead one's partial shard, reports the dead one
+  (exit 1) and a rerun runs only what it missed.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 import types
@@ -202,3 +209,119 @@ def test_device_flag_is_validated(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="use --device cpu"):
             _cfg(tmp_path, device="cuda")
+
+
+# ---- --workers and --cells --------------------------------------------------------------
+
+
+def _row(task, ctx, method, acc=0.5):
+    return {"task": task, "context_tokens": ctx, "method": method, "accuracy": acc,
+            "accuracy_stderr": 0.0, "resident_chunk_ratio": 1.0, "kv_bytes_gpu": 1.0,
+            "kv_bytes_full": 1.0, "n": 1}
+
+
+def test_workers_flag_is_validated(tmp_path):
+    with pytest.raises(ValueError, match=r"--workers 0 must be a positive integer"):
+        _cfg(tmp_path, workers=0)
+    with pytest.raises(ValueError, match=r"--cells item vt@128 is not a cell"):
+        _cfg(tmp_path, cells=(("vt", 128),))
+    assert evaluate.parse_cells("niah_single_1@2k, vt@128") == (
+        ("niah_single_1", 2048), ("vt", 128))
+    with pytest.raises(ValueError, match="must be task@length"):
+        evaluate.parse_cells("niah_single_1")
+
+
+def test_plan_cells_splits_missing_cells_longest_first(tmp_path):
+    cfg = evaluate.EvalConfig(
+        tasks=("t1", "t2"), lengths=(128, 512, 256), methods=parse_methods("full,lsa"),
+        json_path=str(tmp_path / "e.json"), workers=2,
+    )
+    # t1@512 is done; t2@128 lacks lsa, so it is still missing.
+    rows = [_row("t1", 512, "full"), _row("t1", 512, "lsa"), _row("t2", 128, "full")]
+    plan = evaluate.plan_cells(cfg, rows)
+    assert plan == [[("t2", 512), ("t2", 256), ("t2", 128)], [("t1", 256), ("t1", 128)]]
+    assert evaluate.plan_cells(cfg, rows) == plan  # deterministic
+    many = dataclasses.replace(cfg, workers=10)
+    flat = [c for g in evaluate.plan_cells(many, rows) for c in g]
+    assert sorted(flat) == sorted([("t1", 128), ("t1", 256), ("t2", 128), ("t2", 256),
+                                   ("t2", 512)])
+    assert all(len(g) == 1 for g in evaluate.plan_cells(many, rows))
+    done = [_row(t, n, m) for t in cfg.tasks for n in cfg.lengths for m in ("full", "lsa")]
+    assert evaluate.plan_cells(cfg, done) == []
+
+
+def test_merge_rows_keeps_the_main_files_rows():
+    main = [_row("t", 128, "full", acc=1.0)]
+    shards = [[_row("t", 128, "full", acc=0.0), _row("t", 128, "lsa")],
+              [_row("t", 128, "lsa", acc=0.0), _row("t", 256, "full")]]
+    merged = evaluate.merge_rows(main, shards)
+    assert [evaluate.cell_key(r) for r in merged] == [
+        ("t", 128, "full"), ("t", 128, "lsa"), ("t", 256, "full")]
+    assert merged[0]["accuracy"] == 1.0 and merged[1]["accuracy"] == 0.5
+
+
+def test_cells_restrict_run_eval(tmp_path, stub_tasks, factory):
+    cfg = _cfg(tmp_path, methods="full,recency", cells=(("niah_single_1", 256),))
+    rows = evaluate.run_eval(cfg, engine_factory=factory, tokenizer=_ByteTokenizer(),
+                             print_fn=lambda s: None)
+    assert sorted(evaluate.cell_key(r) for r in rows) == [
+        ("niah_single_1", 256, "full"), ("niah_single_1", 256, "recency")]
+
+
+def test_worker_command_keeps_the_settings(tmp_path):
+    cfg = _cfg(tmp_path, methods="full,oracle,random", threshold=0.25, workers=3,
+               model="m", task_file="f.jsonl")
+    cmd = evaluate.worker_command(cfg, [("niah_single_1", 256)], "s.json")
+    assert cmd[:4] == [sys.executable, "-m", "vllm_flashmemory.cli", "eval"]
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(cmd[4:])
+    assert parse_methods(args.methods) == cfg.methods
+    assert evaluate.parse_lengths(args.lengths) == cfg.lengths
+    assert evaluate.parse_cells(args.cells) == (("niah_single_1", 256),)
+    assert (args.json, args.workers, args.no_progress, args.plot) == ("s.json", 1, True, None)
+    assert (args.threshold, args.tau, args.n, args.model, args.indexer, args.task_file) == (
+        0.25, 4, 1, "m", None, "f.jsonl")
+
+
+def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypatch, capsys):
+    """--workers 2 with a fake worker command: one worker writes its rows, the other
+    writes one row and dies; a killed run's shard is merged first; main rows win."""
+    from vllm_flashmemory import cli
+
+    out = tmp_path / "eval.json"
+    evaluate.write_rows(out, [_row("niah_single_1", 128, "full", acc=1.0)])
+    evaluate.write_rows(f"{out}.worker0.json", [  # left by a killed run
+        _row("niah_single_1", 128, "full", acc=0.0), _row("niah_single_1", 128, "recency")])
+    launched, failing = [], [("niah_single_1", 256)]
+
+    def fake(cfg, cells, shard):
+        launched.append(list(cells))
+        rows = [_row(t, n, m) for t, n in cells for m in ("full", "recency")]
+        fail = any(c in failing for c in cells)
+        if fail:
+            rows = rows[:1]
+        script = (f"from vllm_flashmemory.reference.evaluate import write_rows\n"
+                  f"write_rows({shard!r}, {rows!r})\n"
+                  f"print('boom' if {fail} else 'ok')\nraise SystemExit(3 if {fail} else 0)")
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(evaluate, "worker_command", fake)
+    argv = ["eval", "--tasks", "niah_single_1", "--lengths", "128,256,512",
+            "--methods", "full,recency", "--json", str(out), "--workers", "2"]
+    assert cli.main(argv) == 1
+    assert launched == [[("niah_single_1", 512)], [("niah_single_1", 256)]]
+    rows = evaluate.read_rows(out)
+    assert sorted(evaluate.cell_key(r)[1:] for r in rows) == [
+        (128, "full"), (128, "recency"), (256, "full"), (512, "full"), (512, "recency")]
+    assert [r["accuracy"] for r in rows if evaluate.cell_key(r)[1:] == (128, "full")] == [1.0]
+    assert evaluate.shard_paths(str(out)) == []
+    printed = capsys.readouterr().out
+    assert "worker 1 exited with 3" in printed and "boom" in printed
+    assert "recency" in printed  # the table of the merged rows
+
+    launched.clear()
+    failing.clear()
+    assert cli.main(argv) == 0  # the rerun only runs the cell the dead worker missed
+    assert launched == [[("niah_single_1", 256)]]
+    assert len(evaluate.read_rows(out)) == 6

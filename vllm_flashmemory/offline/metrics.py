@@ -77,11 +77,20 @@ def bucket_name(context_tokens: int) -> str:
     """Power-of-two bucket of a context length: 2500 -> '2K-4K', 700 -> '0-1K'."""
     if context_tokens < 1024:
         return "0-1K"
-    lo = 2 ** int(math.floor(math.log2(context_tokens)))
+    lo = 2 ** math.floor(math.log2(context_tokens))
     return f"{_k(lo)}-{_k(2 * lo)}"
 
 
-@torch.no_grad()
+SWEEP_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SWEEP_KEYS = (
+    "recall",
+    "precision",
+    "resident_fraction",
+    "chunk_recall",
+    "chunk_resident_fraction",
+)
+
+
 def evaluate_indexer(
     model: MemoryIndexer,
     documents: list[DocumentWindows],
@@ -92,9 +101,25 @@ def evaluate_indexer(
 ) -> EvalResult:
     """Recall, precision and resident fraction of golden entries (Eq. 5, 13) per "
     "bucket."""
+    return evaluate_thresholds(
+        model, documents, (threshold,), routing, entries_per_chunk, batch_windows
+    )[0]
+
+
+@torch.no_grad()
+def evaluate_thresholds(
+    model: MemoryIndexer,
+    documents: list[DocumentWindows],
+    thresholds: tuple[float, ...] | list[float],
+    routing: str = "or",
+    entries_per_chunk: int = 64,
+    batch_windows: int = 64,
+) -> list[EvalResult]:
+    """evaluate_indexer at every threshold, scoring each window once."""
     was_training = model.training
     model.eval()
-    overall, buckets = Counts(), {}
+    overall = [Counts() for _ in thresholds]
+    buckets: list[dict[str, Counts]] = [{} for _ in thresholds]
     try:
         for doc in documents:
             for start in range(0, doc.n_windows, batch_windows):
@@ -105,39 +130,66 @@ def evaluate_indexer(
                     torch.arange(doc.k_icomp.shape[1])[None, :]
                     < doc.n_visible[sl, None]
                 )
-                sel = select(scores, threshold, routing) & visible  # [B, N]
                 gold = doc.golden[sl] & visible
-                for i, pos in enumerate(doc.positions[sl].tolist()):
-                    c = _window_counts(sel[i], gold[i], visible[i], entries_per_chunk)
-                    overall.add(c)
-                    buckets.setdefault(bucket_name(pos + 1), Counts()).add(c)
+                names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
+                for t, threshold in enumerate(thresholds):
+                    sel = select(scores, threshold, routing) & visible  # [B, N]
+                    counts = _batch_counts(sel, gold, visible, entries_per_chunk)
+                    for name, c in zip(names, counts):
+                        overall[t].add(c)
+                        buckets[t].setdefault(name, Counts()).add(c)
     finally:
         model.train(was_training)
-    ordered = sorted(buckets.items(), key=lambda kv: _bucket_lo(kv[0]))
-    return EvalResult(
-        threshold=threshold,
-        routing=routing,
-        entries_per_chunk=entries_per_chunk,
-        overall=overall.summary(),
-        buckets={k: v.summary() for k, v in ordered},
-    )
+    results = []
+    for threshold, total, per_bucket in zip(thresholds, overall, buckets):
+        ordered = sorted(per_bucket.items(), key=lambda kv: _bucket_lo(kv[0]))
+        results.append(
+            EvalResult(
+                threshold=threshold,
+                routing=routing,
+                entries_per_chunk=entries_per_chunk,
+                overall=total.summary(),
+                buckets={k: v.summary() for k, v in ordered},
+            )
+        )
+    return results
 
 
-def _window_counts(
+def threshold_sweep(
+    model: MemoryIndexer,
+    documents: list[DocumentWindows],
+    thresholds: tuple[float, ...] | list[float] = SWEEP_THRESHOLDS,
+    routing: str = "or",
+    entries_per_chunk: int = 64,
+) -> list[dict[str, float | None]]:
+    """Overall recall and resident fractions per threshold, ascending thresholds."""
+    ordered = sorted(set(thresholds))
+    results = evaluate_thresholds(model, documents, ordered, routing, entries_per_chunk)
+    return [
+        {"threshold": r.threshold, **{k: r.overall[k] for k in SWEEP_KEYS}}
+        for r in results
+    ]
+
+
+def _batch_counts(
     sel: torch.Tensor, gold: torch.Tensor, vis: torch.Tensor, epc: int
-) -> Counts:
+) -> list[Counts]:
+    """Counts of each window of a batch: sel, gold, vis bool [B, N]."""
     sel_c, gold_c, vis_c = (entries_to_chunks(x, epc) for x in (sel, gold, vis))
-    return Counts(
-        windows=1,
-        visible=int(vis.sum()),
-        golden=int(gold.sum()),
-        selected=int(sel.sum()),
-        hit=int((sel & gold).sum()),
-        visible_chunks=int(vis_c.sum()),
-        golden_chunks=int(gold_c.sum()),
-        selected_chunks=int(sel_c.sum()),
-        hit_chunks=int((sel_c & gold_c).sum()),
-    )
+    columns = torch.stack(
+        [
+            vis.sum(1),
+            gold.sum(1),
+            sel.sum(1),
+            (sel & gold).sum(1),
+            vis_c.sum(1),
+            gold_c.sum(1),
+            sel_c.sum(1),
+            (sel_c & gold_c).sum(1),
+        ],
+        dim=1,
+    )  # [B, 8]
+    return [Counts(1, *row) for row in columns.tolist()]
 
 
 def plot_history(history: list[dict], path: str) -> None:
@@ -189,4 +241,13 @@ def _bucket_lo(name: str) -> int:
     return 0 if lo == "0" else int(lo[:-1])
 
 
-__all__ = ["Counts", "EvalResult", "bucket_name", "evaluate_indexer", "plot_history"]
+__all__ = [
+    "SWEEP_THRESHOLDS",
+    "Counts",
+    "EvalResult",
+    "bucket_name",
+    "evaluate_indexer",
+    "evaluate_thresholds",
+    "plot_history",
+    "threshold_sweep",
+]

@@ -16,6 +16,9 @@ would dominate the gradient, while the threshold must work at every context leng
 
 Outputs in OUT: `indexer/` (checkpoint of the last epoch), `metrics.json`,
 `metrics.png`, and `train_state.pt` to resume from the last finished epoch.
+metrics.json's `threshold_sweep` holds the final model's held-out recall and resident
+fractions at thresholds 0.05-0.9 and at --threshold, to pick the threshold that meets a
+resident-fraction target (the paper's ~15%).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +44,12 @@ from vllm_flashmemory.offline.dataset import (
     load_document,
     split_documents,
 )
-from vllm_flashmemory.offline.metrics import evaluate_indexer, plot_history
+from vllm_flashmemory.offline.metrics import (
+    SWEEP_THRESHOLDS,
+    evaluate_indexer,
+    plot_history,
+    threshold_sweep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +141,8 @@ class TrainResult:
     history: list[dict[str, Any]]
     train_documents: list[str]
     val_documents: list[str]
+    # Overall held-out metrics of the final model per threshold (metrics.py).
+    threshold_sweep: list[dict[str, Any]] = field(default_factory=list)
 
 
 def focal_loss(
@@ -304,7 +314,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.save(out / "indexer")
         atomic_write(
             state_path,
-            lambda p: torch.save(
+            lambda p, epoch=epoch: torch.save(
                 {
                     "epoch": epoch,
                     "model": model.state_dict(),
@@ -319,6 +329,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
         _write_outputs(out, cfg, manifest, icfg, history, train_docs, val_docs)
 
+    sweep = threshold_sweep(
+        model, val_set, (*SWEEP_THRESHOLDS, cfg.threshold), cfg.routing, epc
+    )
+    _write_outputs(out, cfg, manifest, icfg, history, train_docs, val_docs, sweep)
     return TrainResult(
         checkpoint=out / "indexer",
         metrics_path=out / "metrics.json",
@@ -328,6 +342,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         history=history,
         train_documents=[d.doc_id for d in train_docs],
         val_documents=[d.doc_id for d in val_docs],
+        threshold_sweep=sweep,
     )
 
 
@@ -359,6 +374,7 @@ def _write_outputs(
     history: list[dict[str, Any]],
     train_docs: list,
     val_docs: list,
+    sweep: list[dict[str, Any]] | None = None,
 ) -> None:
     doc = {
         "train_config": {
@@ -375,6 +391,7 @@ def _write_outputs(
         "val_documents": [d.doc_id for d in val_docs],
         "history": history,
         "final": history[-1]["eval"] if history else None,
+        "threshold_sweep": sweep,
     }
     atomic_write(
         out / "metrics.json",
@@ -459,6 +476,22 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"threshold {cfg.threshold}, routing {cfg.routing}; checkpoint {res.checkpoint}"
     )
+    print("threshold sweep (held-out, all buckets):")
+    print(
+        f"{'threshold':>9} {'recall':>7} {'resident':>8} {'chunk recall':>12} "
+        f"{'chunk resident':>14}"
+    )
+    for t in res.threshold_sweep:
+        r, f, cr, cf = (
+            _fmt(t[k])
+            for k in (
+                "recall",
+                "resident_fraction",
+                "chunk_recall",
+                "chunk_resident_fraction",
+            )
+        )
+        print(f"{t['threshold']:>9} {r:>7} {f:>8} {cr:>12} {cf:>14}")
     print(f"metrics {res.metrics_path}, plot {res.plot_path}")
     return 0
 
@@ -470,8 +503,8 @@ def _fmt(x: float | None) -> str:
 __all__ = [
     "TrainConfig",
     "TrainResult",
-    "train",
     "focal_loss",
     "sample_targets",
     "sample_weights",
+    "train",
 ]

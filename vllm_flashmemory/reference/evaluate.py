@@ -15,16 +15,25 @@ the unmodified model's greedy tokens on that device; the cold pool stays in host
 memory. The local window and the chunk scale with the context in the paper's proportions
 (methods.scaled_window) and are printed with every cell. Results are written
 atomically after every cell; a rerun with the same --json skips completed cells.
+
+`--workers N` runs the missing cells in N `flashmemory eval` subprocesses on the same
+device (the tiny backbone's eval is bound by Python, not the GPU), each with its own
+`--cells` list and its own shard `<json>.worker<i>.json`; the shards merge into --json
+when they finish, or at the start of the next run if this one was killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +89,10 @@ class EvalConfig:
     progress: bool = True
     # Where the backbone, the Memory Indexer and the device KV run: "cpu" or "cuda".
     device: str = "cpu"
+    # Subprocesses that split the missing cells (run() only; run_eval ignores it).
+    workers: int = 1
+    # Only these (task, length) cells; None = every cell of tasks x lengths.
+    cells: tuple[tuple[str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         from vllm_flashmemory.dsv4.checkpoint import check_device
@@ -94,10 +107,18 @@ class EvalConfig:
             )
         if not self.methods:
             raise ValueError("--methods is empty; use e.g. full,lsa,recency,random,oracle,quest.")
-        for name in ("n", "tau", "max_new_tokens", "prefill_chunk_tokens"):
+        for name in ("n", "tau", "max_new_tokens", "prefill_chunk_tokens", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a positive integer.")
+        if self.cells is not None:
+            object.__setattr__(self, "cells", tuple((str(t), int(n)) for t, n in self.cells))
+            for t, n in self.cells:
+                if t not in self.tasks or n not in self.lengths:
+                    raise ValueError(
+                        f"--cells item {t}@{n} is not a cell of --tasks "
+                        f"{','.join(self.tasks)} x --lengths {','.join(map(str, self.lengths))}."
+                    )
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -112,6 +133,19 @@ def parse_lengths(text: str) -> tuple[int, ...]:
                 f"--lengths item {raw!r} is not a token count; write e.g. 8k or 8192."
             )
         out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
+    return tuple(out)
+
+
+def parse_cells(text: str) -> tuple[tuple[str, int], ...]:
+    """`niah_single_1@8k,vt@2048` -> (("niah_single_1", 8192), ("vt", 2048))."""
+    out = []
+    for raw in (t.strip() for t in text.split(",")):
+        if not raw:
+            continue
+        task, _, length = raw.rpartition("@")
+        if not task or not _LENGTH.match(length):
+            raise ValueError(f"--cells item {raw!r} must be task@length, e.g. vt@8192.")
+        out.append((task, parse_lengths(length)[0]))
     return tuple(out)
 
 
@@ -243,18 +277,8 @@ def run_eval(
 
     rows = read_rows(cfg.json_path)
     done = {cell_key(r) for r in rows}
-    unknown = [t for t in cfg.tasks if t not in task_lib.TASKS]
-    if unknown:
-        raise ValueError(
-            f"--tasks names {unknown}, which are not tasks; choose from "
-            f"{', '.join(task_lib.TASKS)}."
-        )
-    todo = [
-        (task, length)
-        for task in cfg.tasks
-        for length in cfg.lengths
-        if any((task, length, s.label) not in done for s in cfg.methods)
-    ]
+    _check_tasks(cfg)
+    todo = _missing_cells(cfg, rows)
     if not todo:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
         return rows
@@ -304,6 +328,143 @@ def run_eval(
         if close is not None:
             close()
     return rows
+
+
+def _check_tasks(cfg: EvalConfig) -> None:
+    from vllm_flashmemory.offline import tasks as task_lib
+
+    unknown = [t for t in cfg.tasks if t not in task_lib.TASKS]
+    if unknown:
+        raise ValueError(
+            f"--tasks names {unknown}, which are not tasks; choose from "
+            f"{', '.join(task_lib.TASKS)}."
+        )
+
+
+def _missing_cells(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(task, length) cells of cfg (only cfg.cells if set) that lack a method's row."""
+    done = {cell_key(r) for r in rows}
+    return [
+        (task, length)
+        for task in cfg.tasks
+        for length in cfg.lengths
+        if (cfg.cells is None or (task, length) in cfg.cells)
+        and any((task, length, s.label) not in done for s in cfg.methods)
+    ]
+
+
+# ---- side-by-side workers (--workers) ---------------------------------------------------
+
+
+def plan_cells(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> list[list[tuple[str, int]]]:
+    """The missing cells dealt round-robin to cfg.workers groups, longest lengths first
+    (the slow cells start first); empty groups are dropped."""
+    todo = sorted(_missing_cells(cfg, rows), key=lambda cell: -cell[1])
+    groups: list[list[tuple[str, int]]] = [[] for _ in range(cfg.workers)]
+    for i, cell in enumerate(todo):
+        groups[i % cfg.workers].append(cell)
+    return [g for g in groups if g]
+
+
+def merge_rows(
+    main: Sequence[dict[str, Any]], shards: Sequence[Sequence[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """main's rows, then each shard row whose cell_key is not yet present."""
+    out = list(main)
+    seen = {cell_key(r) for r in out}
+    for shard in shards:
+        for r in shard:
+            if cell_key(r) not in seen:
+                seen.add(cell_key(r))
+                out.append(r)
+    return out
+
+
+def shard_paths(json_path: str) -> list[Path]:
+    """Worker shards `<json>.worker<i>.json` present next to json_path."""
+    found = glob.glob(glob.escape(json_path) + ".worker*.json")
+    return sorted((Path(f) for f in found), key=lambda q: q.name)
+
+
+def merge_shards(json_path: str) -> list[dict[str, Any]]:
+    """Fold every worker shard into json_path (written atomically), then delete the
+    shards; returns the merged rows."""
+    shards = shard_paths(json_path)
+    rows = read_rows(json_path)
+    if shards:
+        rows = merge_rows(rows, [read_rows(q) for q in shards])
+        write_rows(json_path, rows)
+        for q in shards:
+            q.unlink()
+    return rows
+
+
+def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str) -> list[str]:
+    """`flashmemory eval` for one worker: cfg's settings, its cells, its shard."""
+    cmd = [
+        sys.executable, "-m", "vllm_flashmemory.cli", "eval",
+        "--tasks", ",".join(cfg.tasks),
+        "--lengths", ",".join(map(str, cfg.lengths)),
+        "--methods", ",".join(s.label for s in cfg.methods),
+        "--json", shard,
+        "--cells", ",".join(f"{t}@{n}" for t, n in cells),
+        "--n", str(cfg.n), "--seed", str(cfg.seed), "--tau", str(cfg.tau),
+        "--threshold", repr(cfg.threshold), "--max-new-tokens", str(cfg.max_new_tokens),
+        "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
+        "--device", cfg.device, "--no-progress",
+    ]
+    for flag, value in (("--model", cfg.model), ("--indexer", cfg.indexer),
+                        ("--task-file", cfg.task_file)):
+        if value is not None:
+            cmd += [flag, value]
+    return cmd
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_workers(
+    cfg: EvalConfig, print_fn: Callable[[str], None] = print
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Evaluate the missing cells in cfg.workers subprocesses side by side; returns the
+    merged rows and one report per failed worker (its exit code and log tail)."""
+    _check_tasks(cfg)
+    rows = merge_shards(cfg.json_path)  # shards a killed run left behind
+    groups = plan_cells(cfg, rows)
+    if not groups:
+        print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
+        return rows, []
+    procs = []
+    # `timeout` and job schedulers stop with SIGTERM: end the workers as on Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for i, cells in enumerate(groups):
+            shard, log = f"{cfg.json_path}.worker{i}.json", f"{cfg.json_path}.worker{i}.log"
+            print_fn(f"worker {i}: {' '.join(f'{t}@{n}' for t, n in cells)} (log {log})")
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(
+                    worker_command(cfg, cells, shard), stdout=out, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                ))
+        codes = [proc.wait() for proc in procs]
+    except BaseException:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        merge_shards(cfg.json_path)  # every finished cell is kept; a rerun runs the rest
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = merge_shards(cfg.json_path)
+    failures = []
+    for i, code in enumerate(codes):
+        if code != 0:
+            tail = Path(f"{cfg.json_path}.worker{i}.log").read_text(errors="replace")
+            failures.append(f"worker {i} exited with {code}; log tail:\n"
+                            + "\n".join(tail.splitlines()[-15:]))
+    return rows, failures
 
 
 def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConfig) -> None:
@@ -493,6 +654,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu or cuda: where the backbone and Memory Indexer run, "
                         "fp32 either way (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--workers", type=int, default=_D["workers"].default,
+                        help="processes that evaluate cells side by side on the same "
+                        "device; rows merge into --json (default: %(default)s)")
+    parser.add_argument("--cells", help=argparse.SUPPRESS)  # a worker's task@length list
 
 
 def run(args: argparse.Namespace) -> int:
@@ -514,11 +679,18 @@ def run(args: argparse.Namespace) -> int:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         progress=not args.no_progress,
         device=args.device,
+        workers=args.workers,
+        cells=parse_cells(args.cells) if args.cells is not None else None,
     )
     t0 = time.perf_counter()
-    rows = run_eval(cfg)
+    if cfg.workers > 1:
+        rows, failures = run_workers(cfg)
+    else:
+        rows, failures = run_eval(cfg), []
     print(format_table(rows))
     if cfg.plot_path and rows:
         print(f"plot {plot_rows(rows, cfg.plot_path)}")
     print(f"results {cfg.json_path} ({len(rows)} rows) in {time.perf_counter() - t0:.1f} s")
-    return 0
+    for report in failures:
+        print(report)
+    return 1 if failures else 0
