@@ -12,13 +12,16 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
 DEVICE=${DEVICE:-cuda}; TRAIN_MIN=${TRAIN_MIN:-0}; DEADLINE_S=${DEADLINE_S:-570}
 DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue,niah_multiquery,vt,no_context}
-DOC_LEN=${DOC_LEN:-4096}; DOC_N=${DOC_N:-8}; PROMPT=${PROMPT:-$((DOC_LEN - 512))}
+# Documents whose context + question is exactly PROMPT tokens: harvest records the
+# answer's own window, the one LSA's refresh at the end of a prompt scores.
+PROMPT=${PROMPT:-4096}; DOC_LEN=$((PROMPT + 64)); DOC_N=${DOC_N:-24}
 EVAL_CHUNK=${EVAL_CHUNK:-64}; RESIDENT_TARGET=${RESIDENT_TARGET:-0.03}
 TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,no_context}
 LENGTHS=${LENGTHS:-16k}; METHODS=${METHODS:-full,lsa,recency,random,oracle10,quest}
 N=${N:-16}; WORKERS=${WORKERS:-11}; WORK=${WORK:-/tmp/acc}; T0=$(date +%s)
 CLI="bash scripts/gpu_cli.sh"
 mkdir -p "$OUT" "$WORK"
+$CLI --help > /dev/null || exit 1  # installs the task-data wheels into /tmp/site
 if [ "$TRAIN_MIN" != 0 ]; then
   $CLI train-backbone --init "$BB" --out "$WORK/backbone" --minutes "$TRAIN_MIN" \
     --device "$DEVICE" ${TRAIN_ARGS:-} > "$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log"; exit 1; }
@@ -29,11 +32,13 @@ if [ "$TRAIN_MIN" != 0 ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 if [ -z "${INDEXER:-}" ]; then
-  python3 scripts/task_documents.py --tasks "$DOC_TASKS" --length "$DOC_LEN" --n "$DOC_N" --out "$WORK/docs.jsonl"
+  python3 scripts/task_documents.py --tasks "$DOC_TASKS" --length "$DOC_LEN" --n "$DOC_N" --prompt-tokens "$PROMPT" --out "$WORK/docs.jsonl" || exit 1
   $CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl" \
     --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --no-progress | tail -3
   $CLI label "$WORK/harvest" | tail -3
-  $CLI train "$WORK/harvest" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" --no-progress | tail -16
+  $CLI train "$WORK/harvest" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
+    --epochs "${EPOCHS:-30}" --no-progress | tail -16
+  [ -f "$WORK/train/metrics.json" ] || { echo "no Memory Indexer was trained"; exit 1; }
   tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
   INDEXER=$WORK/train/indexer
   echo "indexer ready at $(( $(date +%s) - T0 )) s"
@@ -51,5 +56,5 @@ echo "threshold $THRESHOLD"
 LEFT=$(( DEADLINE_S - ($(date +%s) - T0) ))
 timeout "$LEFT" $CLI eval --model "$BB" --indexer "$INDEXER" --tasks "$TASKS" \
   --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --threshold "$THRESHOLD" \
-  --workers "$WORKERS" --json "$OUT/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
+  --prefill-chunk-tokens 512 --workers "$WORKERS" --json "$OUT/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
 echo "eval exit ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s"

@@ -282,6 +282,18 @@ def test_worker_command_keeps_the_settings(tmp_path):
     assert (args.json, args.workers, args.no_progress, args.plot) == ("s.json", 1, True, None)
     assert (args.threshold, args.tau, args.n, args.model, args.indexer, args.task_file) == (
         0.25, 4, 1, "m", None, "f.jsonl")
+    assert args.cuda_memory_fraction is None  # a CPU grid caps nothing
+
+
+def test_cuda_workers_split_the_gpu_memory(tmp_path):
+    fields = {f.name for f in dataclasses.fields(evaluate.EvalConfig)}
+    assert "cuda_memory_fraction" in fields
+    with pytest.raises(ValueError, match="--cuda-memory-fraction 1.5"):
+        _cfg(tmp_path, cuda_memory_fraction=1.5)
+    cfg = _cfg(tmp_path, workers=3)
+    object.__setattr__(cfg, "device", "cuda")  # no GPU needed to build the command
+    cmd = evaluate.worker_command(cfg, [("niah_single_1", 256)], "s.json")
+    assert cmd[cmd.index("--cuda-memory-fraction") + 1] == "0.3000"
 
 
 def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypatch, capsys):

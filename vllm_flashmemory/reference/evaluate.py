@@ -93,6 +93,10 @@ class EvalConfig:
     workers: int = 1
     # Only these (task, length) cells; None = every cell of tasks x lengths.
     cells: tuple[tuple[str, int], ...] | None = None
+    # Share of the GPU's memory this process may hold (None: no cap). Workers get
+    # 0.9 / workers: without a cap each one's caching allocator grew to 23.5 GiB on
+    # a 16K grid and three of them starved the rest (out of memory on an H100).
+    cuda_memory_fraction: float | None = None
 
     def __post_init__(self) -> None:
         from vllm_flashmemory.dsv4.checkpoint import check_device
@@ -107,6 +111,9 @@ class EvalConfig:
             )
         if not self.methods:
             raise ValueError("--methods is empty; use e.g. full,lsa,recency,random,oracle,quest.")
+        frac = self.cuda_memory_fraction
+        if frac is not None and not 0 < frac <= 1:
+            raise ValueError(f"--cuda-memory-fraction {frac!r} must lie in (0, 1].")
         for name in ("n", "tau", "max_new_tokens", "prefill_chunk_tokens", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -413,6 +420,8 @@ def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
         "--device", cfg.device, "--no-progress",
     ]
+    if cfg.device == "cuda":
+        cmd += ["--cuda-memory-fraction", f"{0.9 / cfg.workers:.4f}"]
     for flag, value in (("--model", cfg.model), ("--indexer", cfg.indexer),
                         ("--task-file", cfg.task_file)):
         if value is not None:
@@ -445,7 +454,8 @@ def run_workers(
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(
                     worker_command(cfg, cells, shard), stdout=out, stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    env={**os.environ, "PYTHONUNBUFFERED": "1",
+                         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
                 ))
         codes = [proc.wait() for proc in procs]
     except BaseException:
@@ -540,6 +550,8 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
         )
     print_fn(f"model {model_path}, indexer {indexer_path}, device {cfg.device}")
     torch.manual_seed(cfg.seed)
+    if cfg.device == "cuda" and cfg.cuda_memory_fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(cfg.cuda_memory_fraction)
     model = load_model_on(model_path, cfg.device)
     indexer = (
         MemoryIndexer.load(indexer_path, map_location=cfg.device)
@@ -658,6 +670,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes that evaluate cells side by side on the same "
                         "device; rows merge into --json (default: %(default)s)")
     parser.add_argument("--cells", help=argparse.SUPPRESS)  # a worker's task@length list
+    parser.add_argument("--cuda-memory-fraction", type=float, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -681,6 +694,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         cells=parse_cells(args.cells) if args.cells is not None else None,
+        cuda_memory_fraction=args.cuda_memory_fraction,
     )
     t0 = time.perf_counter()
     if cfg.workers > 1:
