@@ -15,6 +15,10 @@ Scenarios:
 - The published retriever layout (torch state dict, `retrievers.l<id>.*`, freqs_cis
   buffers) loads and scores like the same weights in our format; a bare single-layer
   file needs the layer id.
+- native_indexer_state maps an official checkpoint's layers.{L}.attn.{wq_a, q_norm,
+  indexer.wq_b, indexer.weights_proj} of the CSA layers onto `layers.l<id>.*` (fp32,
+  loadable as is); a missing tensor or a non-CSA index is refused, naming it. (Scores
+  equal sigmoid(native index score): tests/dsv4/test_native_indexer.py.)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from vllm_flashmemory.core.memory_indexer import (
     MemoryIndexerConfig,
     apply_rope,
     entries_to_chunks,
+    native_indexer_state,
     select,
     selected_chunk_ids,
     yarn_inv_freq,
@@ -320,3 +325,50 @@ def test_published_retriever_loads(tmp_path):
         expected=MemoryIndexerConfig(hidden_size=48, layer_ids=(12,)),
     )
     assert torch.equal(one.layers["l12"].wq_b.weight, model.layers["l12"].wq_b.weight)
+
+
+def _official_indexer_weights(cfg: MemoryIndexerConfig, csa_layers) -> dict:
+    """The four query-path tensors of each CSA layer, official names, bf16."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {
+        "wq_a.weight": (cfg.rank, cfg.hidden_size),
+        "q_norm.weight": (cfg.rank,),
+        "indexer.wq_b.weight": (cfg.n_heads * cfg.head_dim, cfg.rank),
+        "indexer.weights_proj.weight": (cfg.n_heads, cfg.hidden_size),
+    }
+    return {
+        f"layers.{layer}.attn.{name}": torch.randn(shape, generator=g).bfloat16()
+        for layer in csa_layers
+        for name, shape in shapes.items()
+    }
+
+
+def test_native_indexer_state_maps_official_names():
+    csa = (2, 4, 6, 8)  # decoder layers of CSA indices 0..3
+    weights = _official_indexer_weights(TINY, csa)
+    weights["layers.3.attn.wq_a.weight"] = torch.zeros(1)  # an HCA layer: never read
+    state = native_indexer_state(weights, TINY.layer_ids, csa)  # CSA 1, 3 -> L 4, 8
+    model = MemoryIndexer(TINY)
+    model.load_state_dict(state)  # strict: every parameter, right shapes
+    assert set(state) == set(model.state_dict())
+    for lid, layer in ((1, 4), (3, 8)):
+        for ours, theirs in (
+            ("wq_a.weight", "wq_a.weight"),
+            ("q_norm_weight", "q_norm.weight"),
+            ("wq_b.weight", "indexer.wq_b.weight"),
+            ("weights_proj.weight", "indexer.weights_proj.weight"),
+        ):
+            got = state[f"layers.l{lid}.{ours}"]
+            assert got.dtype == torch.float32
+            assert torch.equal(got, weights[f"layers.{layer}.attn.{theirs}"].float())
+
+    missing = dict(weights)
+    del missing["layers.8.attn.indexer.wq_b.weight"]
+    with pytest.raises(
+        ValueError, match=r"no 'layers\.8\.attn\.indexer\.wq_b\.weight'.*init='random'"
+    ):
+        native_indexer_state(missing, TINY.layer_ids, csa)
+    with pytest.raises(
+        ValueError, match=r"indexer layer 4 is not a CSA index.* 4 CSA layers \(0\.\.3\)"
+    ):
+        native_indexer_state(weights, (1, 4), csa)

@@ -9,6 +9,9 @@ Scenarios:
 - bad input is refused before work: missing model dir, prompt_tokens >= doc length,
   hidden layer out of range, resuming into an --out with other settings
 - synthetic documents are deterministic and plant recalled facts; JSONL is validated
+- what training reads: a Memory Indexer built from the manifest with init native
+  (offline/train.py) scores sigmoid(recorded logits) on every visible entry, from the
+  recorded hidden states, keys and positions
 """
 
 import json
@@ -17,11 +20,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+from vllm_flashmemory.core.memory_indexer import MemoryIndexer
 from vllm_flashmemory.core.rotation import hadamard_rotate
+from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+from vllm_flashmemory.offline.dataset import HarvestManifest
 from vllm_flashmemory.offline.documents import read_jsonl, synthetic_documents
 from vllm_flashmemory.offline.harvest import HarvestConfig, harvest, tokenize_documents
 from vllm_flashmemory.offline.tiny_model import make_tiny
+from vllm_flashmemory.offline.train import (
+    TrainConfig,
+    build_indexer_config,
+    native_init,
+)
 
 N_TOKENS, P, S = 96, 32, 24
 
@@ -173,3 +183,20 @@ def test_cuda_harvest_matches_cpu(setup, full_run, tmp_path):
                 assert torch.equal(gpu[k], cpu[k])
             else:
                 torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-3)
+
+
+def test_native_init_reproduces_recorded_logits(full_run):
+    manifest = HarvestManifest.read(full_run)  # its model folder is the backbone
+    cfg = TrainConfig(data_dir=str(full_run), out_dir="unused", init="native")
+    mi = MemoryIndexer(build_indexer_config(manifest, cfg))
+    assert mi.config.layer_ids == (0, 1, 2, 3)
+    native_init(mi, manifest, cfg)
+    keys = load_file(str(full_run / "doc00000" / "keys.safetensors"))["k_icomp"]
+    for k in range(3):
+        shard = load_file(str(full_run / "doc00000" / f"shard{k:05d}.safetensors"))
+        with torch.no_grad():
+            got = mi(shard["hidden"].transpose(0, 1), shard["positions"], keys)
+        want = torch.sigmoid(shard["logits"].transpose(0, 1))  # [L, t, N]; 0 if hidden
+        visible = torch.isfinite(shard["logits"].transpose(0, 1))
+        assert visible.any() and want[visible].std() > 0.05
+        torch.testing.assert_close(got[visible], want[visible], rtol=0, atol=1e-5)

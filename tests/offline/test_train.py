@@ -19,7 +19,13 @@ Scenarios:
 - the indexer's rope geometry comes from the manifest, else from the harvested model's
   config.json (tiny model: YaRN over 4096 original positions);
 - refusals: an indexer layer without hidden states, bad TrainConfig values;
-- the CLI runs end to end and prints the bucket table and the threshold sweep.
+- the CLI runs end to end and prints the bucket table and the threshold sweep;
+- init native: the indexer takes the backbone's q_lora_rank and starts
+  as its lightning indexer (wq_a, q_norm, indexer.wq_b, indexer.weights_proj of each
+  CSA layer), from the harvest's model or --backbone; refused: a --rank or --n-heads
+  other than the backbone's, a folder without config.json / model.safetensors
+  (naming --backbone), an unknown init.
+The synthetic harvest names no backbone, so the other tests train with init random.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_dataset import make_harvest
 
 from vllm_flashmemory.cli import main as cli_main
@@ -47,6 +54,7 @@ from vllm_flashmemory.offline.train import (
     TrainConfig,
     build_indexer_config,
     focal_loss,
+    native_init,
     sample_targets,
     sample_weights,
     train,
@@ -109,6 +117,8 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
         "epochs": 6,
         "progress": False,
         "chunk_tokens": 64,
+        # make_harvest's model is "synthetic": no backbone to start from.
+        "init": "random",
     }
     return TrainConfig(**{**base, **kw})
 
@@ -247,6 +257,8 @@ def test_cli(tmp_path, capsys):
             str(tmp_path / "o"),
             "--epochs",
             "1",
+            "--init",
+            "random",
             "--no-progress",
         ]
     )
@@ -275,3 +287,102 @@ def test_rope_geometry_from_model_config(tmp_path):
     assert (icfg.rope_dim, icfg.rope_theta) == (64, 1e5)
     assert (icfg.rope_factor, icfg.rope_original_max_position) == (16.0, 4096)
     assert icfg.rope_beta_fast == 32.0  # absent keys keep DeepSeek-V4's values
+
+
+Q_LORA_RANK = 8
+
+
+def make_backbone(root, hidden_size=32, index_n_heads=2, head_dim=16):
+    """An official-name backbone folder fitting make_harvest's geometry (6 layers, CSA
+    at 2, 4, 5): config.json plus each CSA layer's indexer query path, in bf16."""
+    root.mkdir(parents=True)
+    ratios = [0, 0, 4, 128, 4, 4, 0]  # + the MTP slot
+    config = {"num_hidden_layers": 6, "compress_ratios": ratios,
+              "hidden_size": hidden_size, "q_lora_rank": Q_LORA_RANK,
+              "index_n_heads": index_n_heads, "index_head_dim": head_dim}
+    (root / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(3)
+    shapes = {
+        "wq_a.weight": (Q_LORA_RANK, hidden_size),
+        "q_norm.weight": (Q_LORA_RANK,),
+        "indexer.wq_b.weight": (index_n_heads * head_dim, Q_LORA_RANK),
+        "indexer.weights_proj.weight": (index_n_heads, hidden_size),
+    }
+    weights = {
+        f"layers.{layer}.attn.{name}": torch.randn(shape, generator=g).bfloat16()
+        for layer in (2, 4, 5)
+        for name, shape in shapes.items()
+    }
+    weights["layers.4.attn.wkv.weight"] = torch.randn(16, hidden_size).bfloat16()  # unused
+    save_file(weights, str(root / "model.safetensors"))
+    return weights
+
+
+def _native_expected(weights, lid_to_layer):
+    names = {"wq_a.weight": "wq_a.weight", "q_norm_weight": "q_norm.weight",
+             "wq_b.weight": "indexer.wq_b.weight",
+             "weights_proj.weight": "indexer.weights_proj.weight"}
+    return {f"layers.l{lid}.{ours}": weights[f"layers.{layer}.attn.{theirs}"].float()
+            for lid, layer in lid_to_layer.items() for ours, theirs in names.items()}
+
+
+def test_native_init_starts_as_backbone(tmp_path):
+    root = make_harvest(tmp_path / "h", n_docs=3, n_tokens=320)
+    weights = make_backbone(tmp_path / "backbone")
+    want = _native_expected(weights, {1: 4, 2: 5})  # harvested CSA 1, 2 = layers 4, 5
+    # The harvest's own model is the default backbone.
+    man = json.loads((root / "manifest.json").read_text())
+    man["model"] = str(tmp_path / "backbone")
+    (root / "manifest.json").write_text(json.dumps(man))
+    manifest = HarvestManifest.read(root)
+    cfg = _cfg(tmp_path, init="native")
+    icfg = build_indexer_config(manifest, cfg)
+    assert (icfg.rank, icfg.n_heads, icfg.layer_ids) == (Q_LORA_RANK, 2, (1, 2))
+    torch.manual_seed(0)
+    model = MemoryIndexer(icfg)
+    native_init(model, manifest, cfg)
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # An explicit --backbone works as well. With a
+    # vanishing learning rate one epoch leaves the backbone's weights in place.
+    res = train(TrainConfig(
+        data_dir=str(root), out_dir=str(tmp_path / "o"), epochs=1, lr=1e-12,
+        progress=False, chunk_tokens=64, backbone=str(tmp_path / "backbone"), init="native",
+    ))
+    assert res.indexer_config == icfg
+    trained = MemoryIndexer.load(res.checkpoint, expected=icfg).state_dict()
+    for k in want:
+        torch.testing.assert_close(trained[k], want[k], rtol=0, atol=1e-6)
+    # A random init of the same shape is far from it: the check bites.
+    rand = train(_cfg(tmp_path, out_dir=str(tmp_path / "r"), epochs=1, rank=Q_LORA_RANK))
+    assert rand.indexer_config == icfg
+    rand_w = MemoryIndexer.load(rand.checkpoint).state_dict()
+    assert not torch.allclose(rand_w["layers.l1.wq_a.weight"], want["layers.l1.wq_a.weight"],
+                              atol=1e-3)
+
+
+def test_native_init_refusals(tmp_path):
+    root = make_harvest(tmp_path / "h", n_docs=2)
+    make_backbone(tmp_path / "backbone")
+    manifest = HarvestManifest.read(root)
+    native = {"init": "native", "backbone": str(tmp_path / "backbone")}
+    with pytest.raises(ValueError, match=r"rank=16 .*q_lora_rank=8"):
+        build_indexer_config(manifest, _cfg(tmp_path, rank=16, **native))
+    assert build_indexer_config(manifest, _cfg(tmp_path, rank=8, **native)).rank == 8
+    with pytest.raises(ValueError, match=r"n_heads=4 .*index_n_heads=2"):
+        build_indexer_config(manifest, _cfg(tmp_path, n_heads=4, **native))
+    # The synthetic harvest names no model folder; nor does a wrong --backbone hold one.
+    with pytest.raises(FileNotFoundError, match=r"'synthetic'.*--backbone"):
+        train(_cfg(tmp_path, init="native"))
+    with pytest.raises(FileNotFoundError, match=r"nope'.*--backbone"):
+        train(_cfg(tmp_path, init="native", backbone=str(tmp_path / "nope")))
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*--backbone"):
+        train(_cfg(tmp_path, init="native", backbone=str(tmp_path / "no_weights")))
+    with pytest.raises(ValueError, match="init='bogus' is not an init"):
+        _cfg(tmp_path, init="bogus")
+    with pytest.raises(FileNotFoundError, match="--backbone"):
+        cli_main(["train", str(root), "--out-dir", str(tmp_path / "o"), "--epochs", "1",
+                  "--init", "native", "--backbone", str(tmp_path / "nope"), "--no-progress"])

@@ -456,6 +456,46 @@ def _read_published(
     return config, state
 
 
+# The native lightning indexer's query path in an official DeepSeek-V4 checkpoint, per
+# decoder layer L: our parameter <- "layers.{L}.attn.<name>". Same maths as Eq. 1-4
+# (q = wq_b(q_norm(wq_a(x))), w = weights_proj(x) scaled by H^-0.5 Dh^-0.5).
+NATIVE_PARAM_NAMES = {
+    "wq_a.weight": "wq_a.weight",
+    "q_norm_weight": "q_norm.weight",
+    "wq_b.weight": "indexer.wq_b.weight",
+    "weights_proj.weight": "indexer.weights_proj.weight",
+}
+
+
+def native_indexer_state(
+    weights: dict[str, torch.Tensor], layer_ids: tuple[int, ...], csa_layers: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """A MemoryIndexer state dict that starts as the backbone's own lightning indexer.
+
+    weights: the backbone's official-name tensors (model.safetensors); layer_ids: the
+    Memory Indexer's CSA indices; csa_layers: decoder-layer index of each CSA index
+    (core/config_format.csa_layer_ids). Its score is then sigmoid(native index score)
+    at the refresh position: a warm start that already ranks the entries the current
+    query needs, which training turns into the next tau tokens' needs.
+    """
+    state = {}
+    for lid in layer_ids:
+        if not 0 <= lid < len(csa_layers):
+            raise ValueError(
+                f"indexer layer {lid} is not a CSA index; the backbone has "
+                f"{len(csa_layers)} CSA layers (0..{len(csa_layers) - 1})."
+            )
+        for ours, theirs in NATIVE_PARAM_NAMES.items():
+            key = f"layers.{csa_layers[lid]}.attn.{theirs}"
+            if key not in weights:
+                raise ValueError(
+                    f"the backbone checkpoint has no {key!r}; native init needs an "
+                    "official-name DeepSeek-V4 checkpoint (use init='random' otherwise)."
+                )
+            state[f"layers.l{lid}.{ours}"] = weights[key].float()
+    return state
+
+
 _ROPE_FIX = "the query must take the same RoPE as the cached keys"
 _FITS_FIXES = {
     "hidden_size": "train the indexer on this model's hidden states",
@@ -543,13 +583,15 @@ def selected_chunk_ids(
 
 
 __all__ = [
-    "MemoryIndexerConfig",
-    "MemoryIndexer",
+    "NATIVE_PARAM_NAMES",
     "PRESETS",
-    "select",
+    "MemoryIndexer",
+    "MemoryIndexerConfig",
+    "apply_rope",
     "entries_to_chunks",
+    "hadamard_matrix",
+    "native_indexer_state",
+    "select",
     "selected_chunk_ids",
     "yarn_inv_freq",
-    "apply_rope",
-    "hadamard_matrix",
 ]

@@ -36,7 +36,12 @@ from typing import Any, Literal
 import torch
 
 from vllm_flashmemory.core.atomic import atomic_write
-from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+from vllm_flashmemory.core.config_format import csa_layer_ids
+from vllm_flashmemory.core.memory_indexer import (
+    MemoryIndexer,
+    MemoryIndexerConfig,
+    native_indexer_state,
+)
 from vllm_flashmemory.offline.dataset import (
     DocumentWindows,
     HarvestManifest,
@@ -64,11 +69,21 @@ class TrainConfig:
     out_dir: str
     # Indices among CSA layers; None = every layer whose hidden states were harvested.
     indexer_layers: tuple[int, ...] | None = None
-    # Indexer width; None = hidden_size // 2 (the published 4096 -> 2048) and the
-    # native indexer's head count. The published retriever doubles the heads (64 ->
-    # 128); pass n_heads for that, at twice the scoring cost per step.
+    # Indexer width; None = the backbone's q_lora_rank with init "native" (it copies
+    # wq_a), else hidden_size // 2 (the published 4096 -> 2048); heads default to the
+    # native indexer's. The published retriever doubles the heads (64 -> 128): pass
+    # n_heads for that with init "random", at twice the scoring cost per step.
     rank: int | None = None
     n_heads: int | None = None
+    # "native": start every layer as the backbone's own lightning indexer (rank =
+    # q_lora_rank; its score is then sigmoid(native index score), exact to 3e-6);
+    # "random": fresh init. Random stays the default: on the committed backbone's
+    # question-window harvest the native start ranks the needed entries near the top
+    # but its logits sit at +-20, the sigmoid saturates and focal training stalls
+    # (loss 9.8 flat over 10 epochs), while random init trains (docs/RESULTS.md).
+    init: Literal["native", "random"] = "random"
+    # Backbone folder for init="native"; None = the model the harvest names.
+    backbone: str | None = None
     epochs: int = 10
     # Windows per optimizer step (all from one document: they share its keys).
     batch_windows: int = 16
@@ -111,6 +126,8 @@ class TrainConfig:
             raise ValueError(
                 f"val_fraction={self.val_fraction!r} must lie in (0, 1); use 0.25."
             )
+        if self.init not in ("native", "random"):
+            raise ValueError(f"init={self.init!r} is not an init; use 'native' or 'random'.")
         if self.sample_weighting not in ("window", "uniform"):
             raise ValueError(
                 f"sample_weighting={self.sample_weighting!r} is not a rule; use "
@@ -216,14 +233,52 @@ def build_indexer_config(
         )
         rope["rope_beta_fast"] = float(s.get("beta_fast", 32.0))
         rope["rope_beta_slow"] = float(s.get("beta_slow", 1.0))
+    rank = cfg.rank if cfg.rank is not None else max(1, g.hidden_size // 2)
+    if cfg.init == "native":
+        q_lora_rank = int(native_backbone(manifest, cfg)[1]["q_lora_rank"])
+        if cfg.rank is not None and cfg.rank != q_lora_rank:
+            raise ValueError(
+                f"rank={cfg.rank} but init='native' copies the backbone's wq_a, whose "
+                f"rank is q_lora_rank={q_lora_rank}; drop --rank or use --init random."
+            )
+        rank = q_lora_rank
+        if cfg.n_heads is not None and cfg.n_heads != g.index_n_heads:
+            raise ValueError(
+                f"n_heads={cfg.n_heads} but init='native' copies the backbone's "
+                f"weights_proj, which has index_n_heads={g.index_n_heads} heads; drop "
+                "--n-heads or use --init random."
+            )
     return MemoryIndexerConfig(
         hidden_size=g.hidden_size,
-        rank=cfg.rank if cfg.rank is not None else max(1, g.hidden_size // 2),
+        rank=rank,
         n_heads=cfg.n_heads if cfg.n_heads is not None else g.index_n_heads,
         head_dim=g.index_head_dim,
         layer_ids=tuple(layers),
         **rope,
     )
+
+
+def native_backbone(manifest: HarvestManifest, cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """The backbone folder for init='native' and its config.json."""
+    path = Path(cfg.backbone if cfg.backbone is not None else manifest.model)
+    config = path / "config.json"
+    if not config.is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"init='native' needs the harvested backbone's config.json and "
+            f"model.safetensors in {str(path)!r}; pass --backbone DIR or --init random."
+        )
+    return path, json.loads(config.read_text())
+
+
+def native_init(model: MemoryIndexer, manifest: HarvestManifest, cfg: TrainConfig) -> None:
+    from safetensors.torch import load_file
+
+    path, config = native_backbone(manifest, cfg)
+    state = native_indexer_state(
+        load_file(str(path / "model.safetensors")), model.config.layer_ids, csa_layer_ids(config)
+    )
+    model.load_state_dict(state)
+    logger.info("Memory Indexer starts as the lightning indexer of %s", path)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -242,6 +297,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     torch.manual_seed(cfg.seed)
     model = MemoryIndexer(icfg)
+    if cfg.init == "native":
+        native_init(model, manifest, cfg)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -413,7 +470,9 @@ _FLAGS: dict[str, tuple[Any, str]] = {
         _layer_list,
         "comma-separated indices among CSA layers (default: every harvested layer)",
     ),
-    "rank": (int, "W_DQ rank r (default: hidden_size / 2)"),
+    "rank": (int, "W_DQ rank r (default: hidden_size / 2; q_lora_rank with init native)"),
+    "init": (str, "'native' (start as the backbone's lightning indexer) or 'random'"),
+    "backbone": (str, "backbone folder for init native (default: the harvest's model)"),
     "n_heads": (int, "indexer heads (default: the native indexer's)"),
     "epochs": (int, "passes over the training windows"),
     "batch_windows": (int, "windows per optimizer step"),
