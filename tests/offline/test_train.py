@@ -335,7 +335,7 @@ def test_native_init_starts_as_backbone(tmp_path):
     man["model"] = str(tmp_path / "backbone")
     (root / "manifest.json").write_text(json.dumps(man))
     manifest = HarvestManifest.read(root)
-    cfg = _cfg(tmp_path, init="native")
+    cfg = _cfg(tmp_path, init="native", native_scale=1.0)
     icfg = build_indexer_config(manifest, cfg)
     assert (icfg.rank, icfg.n_heads, icfg.layer_ids) == (Q_LORA_RANK, 2, (1, 2))
     torch.manual_seed(0)
@@ -349,6 +349,7 @@ def test_native_init_starts_as_backbone(tmp_path):
     res = train(TrainConfig(
         data_dir=str(root), out_dir=str(tmp_path / "o"), epochs=1, lr=1e-12,
         progress=False, chunk_tokens=64, backbone=str(tmp_path / "backbone"), init="native",
+        native_scale=1.0,
     ))
     assert res.indexer_config == icfg
     trained = MemoryIndexer.load(res.checkpoint, expected=icfg).state_dict()
@@ -360,6 +361,23 @@ def test_native_init_starts_as_backbone(tmp_path):
     rand_w = MemoryIndexer.load(rand.checkpoint).state_dict()
     assert not torch.allclose(rand_w["layers.l1.wq_a.weight"], want["layers.l1.wq_a.weight"],
                               atol=1e-3)
+
+
+def test_native_scale_multiplies_only_the_head_weights(tmp_path):
+    root = make_harvest(tmp_path / "h", n_docs=3, n_tokens=320)
+    weights = make_backbone(tmp_path / "backbone")
+    want = _native_expected(weights, {1: 4, 2: 5})
+    manifest = HarvestManifest.read(root)
+    cfg = _cfg(tmp_path, init="native", native_scale=0.25, backbone=str(tmp_path / "backbone"))
+    model = MemoryIndexer(build_indexer_config(manifest, cfg))
+    native_init(model, manifest, cfg)
+    got = model.state_dict()
+    for k, v in want.items():
+        factor = 0.25 if k.endswith("weights_proj.weight") else 1.0
+        torch.testing.assert_close(got[k], v * factor, rtol=0, atol=0)
+    for bad in ({"native_scale": 0.0}, {"relu_slope": 1.0}, {"relu_slope": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _cfg(tmp_path, **bad)
 
 
 def test_native_init_refusals(tmp_path):

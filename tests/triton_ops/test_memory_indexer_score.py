@@ -126,3 +126,17 @@ def test_refusals(change, match):
     for fn in (memory_indexer_select, memory_indexer_select_ref):
         with pytest.raises((ValueError, TypeError), match=match):
             fn(**args)
+
+
+def test_leaky_training_scores_match_the_definition():
+    """negative_slope > 0 (training only) is sigmoid(sum_h w * leaky_relu(q.k)); 0 is Eq. 4."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 3, 4, 8, generator=g)  # [L, T, H, D]
+    w = torch.randn(2, 3, 4, generator=g)
+    k = torch.randn(2, 5, 8, generator=g)
+    dots = torch.einsum("lthd,lnd->lthn", q, k)
+    want = torch.sigmoid(torch.einsum("lthn,lth->ltn", torch.where(dots > 0, dots, 0.1 * dots), w))
+    torch.testing.assert_close(memory_indexer_scores_ref(q, w, k, None, 0.1), want)
+    plain = torch.sigmoid(torch.einsum("lthn,lth->ltn", dots.clamp(min=0), w))
+    torch.testing.assert_close(memory_indexer_scores_ref(q, w, k), plain)
+    assert not torch.allclose(want, plain)

@@ -76,12 +76,15 @@ class TrainConfig:
     rank: int | None = None
     n_heads: int | None = None
     # "native": start every layer as the backbone's own lightning indexer (rank =
-    # q_lora_rank; its score is then sigmoid(native index score), exact to 3e-6);
-    # "random": fresh init. Random stays the default: on the committed backbone's
-    # question-window harvest the native start ranks the needed entries near the top
-    # but its logits sit at +-20, the sigmoid saturates and focal training stalls
-    # (loss 9.8 flat over 10 epochs), while random init trains (docs/RESULTS.md).
+    # q_lora_rank; with native_scale 1 its score is sigmoid(native index score), exact
+    # to 3e-6); "random": fresh init. Measured on the committed backbone's
+    # question-window harvest (docs/RESULTS.md): native at scale 0.1 gave the best
+    # low-footprint recall (0.32 at 5.6% of entries, against 0.17 at 3.6% from random).
     init: Literal["native", "random"] = "random"
+    # Factor on the copied weights_proj: the native scores are top-k ranking logits
+    # (about +-20), on which a sigmoid saturates and focal training stalls (loss 9.8
+    # flat over 10 epochs at scale 1).
+    native_scale: float = 0.1
     # Backbone folder for init="native"; None = the model the harvest names.
     backbone: str | None = None
     epochs: int = 10
@@ -89,6 +92,14 @@ class TrainConfig:
     batch_windows: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.01
+    # Negative slope of Eq. 4's ReLU while training, annealed linearly to 0 over the
+    # first relu_slope_epochs epochs (evaluation always uses the plain ReLU; the
+    # schedule ignores --epochs, so a run extended by --resume continues it exactly). With a plain ReLU a golden
+    # entry whose q.k is negative in every head gets no gradient: the committed
+    # backbone's first question-window indexer parked every golden entry at exactly
+    # sigmoid(0) = 0.5 and scored nothing above it.
+    relu_slope: float = 0.1
+    relu_slope_epochs: int = 5
     # Focusing parameter gamma of Eq. 15 (the paper's 2).
     focal_gamma: float = 2.0
     # Random negatives per positive, drawn from non-golden visible history (§2.4).
@@ -114,6 +125,7 @@ class TrainConfig:
             "batch_windows",
             "negatives_per_positive",
             "chunk_tokens",
+            "relu_slope_epochs",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -141,6 +153,10 @@ class TrainConfig:
             raise ValueError(
                 f"threshold={self.threshold!r} must lie in [0, 1]; use 0.5."
             )
+        if not self.native_scale > 0:
+            raise ValueError(f"native_scale={self.native_scale!r} must be > 0; use 0.1.")
+        if not 0.0 <= self.relu_slope < 1.0:
+            raise ValueError(f"relu_slope={self.relu_slope!r} must lie in [0, 1); use 0.1.")
         if self.focal_gamma < 0:
             raise ValueError(
                 f"focal_gamma={self.focal_gamma!r} must be >= 0; use 2 (the paper's)."
@@ -277,8 +293,13 @@ def native_init(model: MemoryIndexer, manifest: HarvestManifest, cfg: TrainConfi
     state = native_indexer_state(
         load_file(str(path / "model.safetensors")), model.config.layer_ids, csa_layer_ids(config)
     )
+    for lid in model.config.layer_ids:
+        state[f"layers.l{lid}.weights_proj.weight"] *= cfg.native_scale
     model.load_state_dict(state)
-    logger.info("Memory Indexer starts as the lightning indexer of %s", path)
+    logger.info(
+        "Memory Indexer starts as the lightning indexer of %s (weights x %g)",
+        path, cfg.native_scale,
+    )
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -343,7 +364,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             leave=False,
         ):
             doc = train_set[di]
-            loss = _batch_loss(model, doc, slice(s, s + cfg.batch_windows), cfg, gen)
+            slope = cfg.relu_slope * max(0.0, 1 - epoch / cfg.relu_slope_epochs)
+            loss = _batch_loss(model, doc, slice(s, s + cfg.batch_windows), cfg, gen, slope)
             if loss is None:
                 continue
             opt.zero_grad(set_to_none=True)
@@ -409,6 +431,7 @@ def _batch_loss(
     sl: slice,
     cfg: TrainConfig,
     gen: torch.Generator,
+    relu_slope: float = 0.0,
 ) -> torch.Tensor | None:
     visible = doc.visible_mask()[sl]  # [B, N]
     mask, y = sample_targets(doc.golden[sl], visible, cfg.negatives_per_positive, gen)
@@ -416,7 +439,8 @@ def _batch_loss(
         return None  # windows with no visible history teach nothing
     w = sample_weights(mask, cfg.sample_weighting)
     scores = model(
-        doc.hidden[sl].transpose(0, 1), doc.positions[sl], doc.k_icomp
+        doc.hidden[sl].transpose(0, 1), doc.positions[sl], doc.k_icomp,
+        negative_slope=relu_slope,
     )  # [L, B, N]
     # Every layer learns the same targets; serving takes their union (Eq. 13).
     losses = [focal_loss(s[mask], y[mask], w[mask], cfg.focal_gamma) for s in scores]
@@ -473,11 +497,14 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "rank": (int, "W_DQ rank r (default: hidden_size / 2; q_lora_rank with init native)"),
     "init": (str, "'native' (start as the backbone's lightning indexer) or 'random'"),
     "backbone": (str, "backbone folder for init native (default: the harvest's model)"),
+    "native_scale": (float, "factor on the copied head weights under init native"),
     "n_heads": (int, "indexer heads (default: the native indexer's)"),
     "epochs": (int, "passes over the training windows"),
     "batch_windows": (int, "windows per optimizer step"),
     "lr": (float, "AdamW learning rate"),
     "weight_decay": (float, "AdamW weight decay"),
+    "relu_slope": (float, "leaky slope of Eq. 4's ReLU in training, annealed to 0"),
+    "relu_slope_epochs": (int, "epochs over which relu_slope falls to 0"),
     "focal_gamma": (float, "focusing parameter gamma of Eq. 15"),
     "negatives_per_positive": (int, "random non-golden visible entries per positive"),
     "sample_weighting": (str, "w of Eq. 15: 'window' (equal per window) or 'uniform'"),
