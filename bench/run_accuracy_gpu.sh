@@ -37,7 +37,7 @@ if [ -z "${INDEXER:-}" ]; then
     --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --no-progress | tail -3
   $CLI label "$WORK/harvest" | tail -3
   $CLI train "$WORK/harvest" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
-    --epochs "${EPOCHS:-30}" --no-progress | tail -16
+    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --no-progress | tail -16
   [ -f "$WORK/train/metrics.json" ] || { echo "no Memory Indexer was trained"; exit 1; }
   tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
   INDEXER=$WORK/train/indexer
