@@ -178,6 +178,7 @@ def _batch_counts(
 ) -> list[Counts]:
     """Counts of each window of a batch: sel, gold, vis bool [B, N]."""
     sel_c, gold_c, vis_c = (entries_to_chunks(x, epc) for x in (sel, gold, vis))
+    # Column order = _COUNT_FIELDS.
     columns = torch.stack(
         [
             vis.sum(1),
@@ -191,7 +192,13 @@ def _batch_counts(
         ],
         dim=1,
     )  # [B, 8]
-    return [Counts(1, *row) for row in columns.tolist()]
+    return [Counts(windows=1, **dict(zip(_COUNT_FIELDS, row))) for row in columns.tolist()]
+
+
+_COUNT_FIELDS = (
+    "visible", "golden", "selected", "hit",
+    "visible_chunks", "golden_chunks", "selected_chunks", "hit_chunks",
+)
 
 
 def plot_history(history: list[dict], path: str) -> None:
