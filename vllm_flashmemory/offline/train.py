@@ -77,9 +77,9 @@ class TrainConfig:
     n_heads: int | None = None
     # "native": start every layer as the backbone's own lightning indexer (rank =
     # q_lora_rank; with native_scale 1 its score is sigmoid(native index score), exact
-    # to 3e-6); "random": fresh init. Measured on the committed backbone's
-    # question-window harvest (docs/RESULTS.md): native at scale 0.1 gave the best
-    # low-footprint recall (0.32 at 5.6% of entries, against 0.17 at 3.6% from random).
+    # to 3e-6); "random": fresh init (the default, which the demo is tuned for). On
+    # the committed backbone's question-window harvest native at scale 0.1 and lr 1e-3
+    # trained the best indexer (docs/RESULTS.md, "Memory Indexer training").
     init: Literal["native", "random"] = "random"
     # Factor on the copied weights_proj: the native scores are top-k ranking logits
     # (about +-20), on which a sigmoid saturates and focal training stalls (loss 9.8
@@ -94,10 +94,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     # Negative slope of Eq. 4's ReLU while training, annealed linearly to 0 over the
     # first relu_slope_epochs epochs (evaluation always uses the plain ReLU; the
-    # schedule ignores --epochs, so a run extended by --resume continues it exactly). With a plain ReLU a golden
-    # entry whose q.k is negative in every head gets no gradient: the committed
-    # backbone's first question-window indexer parked every golden entry at exactly
-    # sigmoid(0) = 0.5 and scored nothing above it.
+    # schedule ignores --epochs, so a run extended by --resume continues it exactly).
+    # With a plain ReLU a golden entry whose q.k is negative in every head gets no
+    # gradient: the committed backbone's first question-window indexer parked golden
+    # entries at exactly sigmoid(0) = 0.5 and scored nothing above it.
     relu_slope: float = 0.1
     relu_slope_epochs: int = 5
     # Focusing parameter gamma of Eq. 15 (the paper's 2).
