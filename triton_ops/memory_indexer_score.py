@@ -35,11 +35,11 @@ def memory_indexer_scores_ref(
     w: torch.Tensor,
     k: torch.Tensor,
     k_scale: torch.Tensor | None = None,
-    negative_slope: float = 0.0,
+    relu_slope: float = 0.0,
 ) -> torch.Tensor:
     """I_{t,s} = sigmoid(sum_h w_{t,h} * ReLU(q_{t,h} . K^IComp_s)), Eq. 4.
 
-    negative_slope > 0 replaces ReLU by a leaky ReLU: training only (Eq. 4 is 0).
+    relu_slope > 0 replaces ReLU by a leaky ReLU: training only (Eq. 4 is 0).
 
     q: [L, T, H, D] indexer queries (L indexer layers, T query positions, H heads)
     w: [L, T, H] head weights (already scaled)
@@ -48,8 +48,8 @@ def memory_indexer_scores_ref(
     """
     kf = dequantize_k_icomp(k, k_scale)  # [L, N, D]
     logits = torch.einsum("lthd,lnd->lthn", q.float(), kf)  # [L, T, H, N]
-    if negative_slope > 0:
-        logits = torch.nn.functional.leaky_relu(logits, negative_slope)
+    if relu_slope > 0:
+        logits = torch.nn.functional.leaky_relu(logits, relu_slope)
     else:
         logits = logits.relu_()
     fused = torch.einsum("lthn,lth->ltn", logits, w.float())  # [L, T, N]

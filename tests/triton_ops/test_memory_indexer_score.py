@@ -129,7 +129,7 @@ def test_refusals(change, match):
 
 
 def test_leaky_training_scores_match_the_definition():
-    """negative_slope > 0 (training only) is sigmoid(sum_h w * leaky_relu(q.k)); 0 is Eq. 4."""
+    """relu_slope > 0 (training only) is sigmoid(sum_h w * leaky_relu(q.k)); 0 is Eq. 4."""
     g = torch.Generator().manual_seed(11)
     q = torch.randn(2, 3, 4, 8, generator=g)  # [L, T, H, D]
     w = torch.randn(2, 3, 4, generator=g)

@@ -304,9 +304,9 @@ class MemoryIndexer(nn.Module):
         positions: torch.Tensor,
         k_icomp: torch.Tensor,
         k_scale: torch.Tensor | None = None,
-        negative_slope: float = 0.0,
+        relu_slope: float = 0.0,
     ) -> torch.Tensor:
-        """Scores I_{t,s}, Eq. 4 (negative_slope > 0: leaky ReLU, for training only).
+        """Scores I_{t,s}, Eq. 4 (relu_slope > 0: leaky ReLU, for training only).
 
         hidden [L, T, D], positions [T], k_icomp [L, N, Dh] (+ k_scale [L, N])
         -> [L, T, N] in (0, 1).
@@ -325,7 +325,7 @@ class MemoryIndexer(nn.Module):
                 "None for float keys."
             )
         q, w = self.query(hidden, positions)
-        return memory_indexer_scores_ref(q, w, k_icomp, k_scale, negative_slope)  # [L, T, N]
+        return memory_indexer_scores_ref(q, w, k_icomp, k_scale, relu_slope)  # [L, T, N]
 
     # ---- checkpoint ----------------------------------------------------------------
 

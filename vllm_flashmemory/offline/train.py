@@ -440,7 +440,7 @@ def _batch_loss(
     w = sample_weights(mask, cfg.sample_weighting)
     scores = model(
         doc.hidden[sl].transpose(0, 1), doc.positions[sl], doc.k_icomp,
-        negative_slope=relu_slope,
+        relu_slope=relu_slope,
     )  # [L, B, N]
     # Every layer learns the same targets; serving takes their union (Eq. 13).
     losses = [focal_loss(s[mask], y[mask], w[mask], cfg.focal_gamma) for s in scores]
