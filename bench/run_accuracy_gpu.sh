@@ -7,6 +7,7 @@
 #   INDEXER=DIR skips harvest/label/train and evaluates with that Memory Indexer.
 #   THRESHOLD=x fixes the threshold; otherwise the lowest swept threshold whose held-out
 #   chunk resident fraction is <= RESIDENT_TARGET (historical chunks, at EVAL_CHUNK).
+#   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
@@ -14,7 +15,10 @@ DEVICE=${DEVICE:-cuda}; TRAIN_MIN=${TRAIN_MIN:-0}; DEADLINE_S=${DEADLINE_S:-570}
 DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue,niah_multiquery,vt,no_context}
 # Documents whose context + question is exactly PROMPT tokens: harvest records the
 # answer's own window, the one LSA's refresh at the end of a prompt scores.
-PROMPT=${PROMPT:-4096}; DOC_LEN=$((PROMPT + 64)); DOC_N=${DOC_N:-24}
+PROMPT=${PROMPT:-4096}; DOC_LEN=$((PROMPT + 64)); DOC_N=${DOC_N:-24}; DOC_SEED=${DOC_SEED:-0}
+# Harvest processes side by side (the tiny backbone is launch-bound, not GPU-bound) and
+# an optional time box in seconds: documents finished by then are labelled and used.
+HARVEST_WORKERS=${HARVEST_WORKERS:-4}; HARVEST_S=${HARVEST_S:-0}
 EVAL_CHUNK=${EVAL_CHUNK:-64}; RESIDENT_TARGET=${RESIDENT_TARGET:-0.03}
 TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,no_context}
 LENGTHS=${LENGTHS:-16k}; METHODS=${METHODS:-full,lsa,recency,random,oracle10,quest}
@@ -32,16 +36,27 @@ if [ "$TRAIN_MIN" != 0 ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 if [ -z "${INDEXER:-}" ]; then
-  python3 scripts/task_documents.py --tasks "$DOC_TASKS" --length "$DOC_LEN" --n "$DOC_N" --prompt-tokens "$PROMPT" --out "$WORK/docs.jsonl" || exit 1
-  $CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl" \
-    --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --no-progress | tail -3
+  for task in ${DOC_TASKS//,/ }; do  # one generator per task, side by side
+    python3 scripts/task_documents.py --tasks "$task" --length "$DOC_LEN" --n "$DOC_N" \
+      --seed "$DOC_SEED" --prompt-tokens "$PROMPT" --out "$WORK/docs_$task.jsonl" > /dev/null &
+  done
+  wait
+  cat "$WORK"/docs_*.jsonl > "$WORK/docs.jsonl"
+  echo "$(wc -l < "$WORK/docs.jsonl") documents at $(( $(date +%s) - T0 )) s"
+  HARVEST_CMD=($CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl"
+    --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --max-chunk-tokens 4096
+    --workers "$HARVEST_WORKERS" --no-progress)
+  if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -3
+  else "${HARVEST_CMD[@]}" | tail -3; fi
+  echo "harvest done at $(( $(date +%s) - T0 )) s"
   $CLI label "$WORK/harvest" | tail -3
   $CLI train "$WORK/harvest" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
-    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --no-progress | tail -16
+    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --device "$DEVICE" --no-progress | tail -16
   [ -f "$WORK/train/metrics.json" ] || { echo "no Memory Indexer was trained"; exit 1; }
   tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
   INDEXER=$WORK/train/indexer
   echo "indexer ready at $(( $(date +%s) - T0 )) s"
+  [ "${EVAL:-1}" = 0 ] && exit 0
 fi
 if [ -z "${THRESHOLD:-}" ]; then
   THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'

@@ -201,3 +201,51 @@ def test_native_init_reproduces_recorded_logits(full_run):
         visible = torch.isfinite(shard["logits"].transpose(0, 1))
         assert visible.any() and want[visible].std() > 0.05
         torch.testing.assert_close(got[visible], want[visible], rtol=0, atol=1e-5)
+
+
+def _cli_harvest(model_dir, out, *extra):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vllm_flashmemory.cli", "harvest", "--model", model_dir,
+           "--out", str(out), "--synthetic", "3", "--tokens", str(N_TOKENS), "--seed", "5",
+           "--prompt-tokens", str(P), "--positions-per-shard", str(S),
+           "--max-chunk-tokens", "32", "--no-progress", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*.safetensors"))}
+
+
+def test_workers_match_one_process_and_resume(setup, tmp_path):
+    model_dir = setup[0]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _cli_harvest(model_dir, one)
+    printed = _cli_harvest(model_dir, two, "--workers", "2")
+    assert "harvested 3 of 3 documents" in printed
+    assert sorted(p.name for p in two.glob("worker*.log")) == ["worker0.log", "worker1.log"]
+    assert _files(two) == _files(one) and len(_files(one)) == 3 * 4  # 3 shards + keys each
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert [d["complete"] for d in manifest["documents"]] == [True, True, True]
+    assert manifest == json.loads((one / "manifest.json").read_text()) | {"model": manifest["model"]}
+    # A worker stopped inside document 1: its keys and last shard are missing. The rerun
+    # marks it incomplete, redoes only that shard and the keys, and ends identical.
+    (two / "doc00001" / "keys.safetensors").unlink()
+    (two / "doc00001" / "shard00002.safetensors").unlink()
+    kept = (two / "doc00000" / "shard00000.safetensors").stat().st_mtime_ns
+    _cli_harvest(model_dir, two, "--workers", "2")
+    assert _files(two) == _files(one)
+    assert (two / "doc00000" / "shard00000.safetensors").stat().st_mtime_ns == kept
+
+
+def test_worker_flag_is_validated():
+    from vllm_flashmemory.offline.harvest import parse_worker
+
+    assert parse_worker("1/4") == (1, 4) and parse_worker(None) is None
+    for bad in ("4/4", "-1/2", "x", "1/0"):
+        with pytest.raises(ValueError, match="must be i/k"):
+            parse_worker(bad)

@@ -18,7 +18,9 @@ Scenarios:
 - context buckets on power-of-two edges;
 - the indexer's rope geometry comes from the manifest, else from the harvested model's
   config.json (tiny model: YaRN over 4096 original positions);
-- refusals: an indexer layer without hidden states, bad TrainConfig values;
+- refusals: an indexer layer without hidden states, bad TrainConfig values, an unknown
+  --device;
+- on a GPU, --device cuda trains to the CPU run's losses, metrics and weights (fp32);
 - the CLI runs end to end and prints the bucket table and the threshold sweep;
 - init native: the indexer takes the backbone's q_lora_rank and starts
   as its lightning indexer (wq_a, q_norm, indexer.wq_b, indexer.weights_proj of each
@@ -245,6 +247,26 @@ def test_refusals(tmp_path):
         _cfg(tmp_path, sample_weighting="votes")
     with pytest.raises(ValueError, match="val_fraction=1.0 must lie in"):
         _cfg(tmp_path, val_fraction=1.0)
+    with pytest.raises(ValueError, match=r"--device 'tpu'.*use --device cpu"):
+        _cfg(tmp_path, device="tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu(tmp_path):
+    """Same samples, same steps: the GPU run ends where the CPU run does, up to fp32
+    rounding, and writes a CPU checkpoint."""
+    make_harvest(tmp_path / "h", n_docs=4)
+    cpu = train(_cfg(tmp_path, n_heads=4, epochs=3, out_dir=str(tmp_path / "c")))
+    gpu = train(_cfg(tmp_path, n_heads=4, epochs=3, out_dir=str(tmp_path / "g"), device="cuda"))
+    for a, b in zip(cpu.history, gpu.history):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * max(1.0, a["train_loss"])
+    for k in ("recall", "precision", "resident_fraction"):
+        assert abs(cpu.final["overall"][k] - gpu.final["overall"][k]) < 0.02, k
+    a = MemoryIndexer.load(cpu.checkpoint).state_dict()
+    b = MemoryIndexer.load(gpu.checkpoint).state_dict()
+    for k in a:
+        assert b[k].device.type == "cpu"
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3)
 
 
 def test_cli(tmp_path, capsys):

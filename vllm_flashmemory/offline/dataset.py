@@ -17,6 +17,7 @@ Keys stay frozen: the dual encoder of paper §2.3 trains only the query side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -165,6 +166,14 @@ class DocumentWindows:
     @property
     def n_windows(self) -> int:
         return int(self.positions.shape[0])
+
+    def to(self, device: str | torch.device) -> DocumentWindows:
+        """The model's inputs (keys, hidden states, positions) on `device`; labels and
+        visibility stay on the CPU, where sampling and counting happen."""
+        return dataclasses.replace(
+            self, k_icomp=self.k_icomp.to(device), hidden=self.hidden.to(device),
+            positions=self.positions.to(device),
+        )
 
     def visible_mask(self) -> torch.Tensor:
         """bool [W, N]: entry s is visible to window w iff s < n_visible[w]."""

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 
 from vllm_flashmemory.core.atomic import atomic_save_tensors, atomic_write_text
 from vllm_flashmemory.core.rotation import hadamard_rotate
+from vllm_flashmemory.core.side_by_side import run_side_by_side
 from vllm_flashmemory.dsv4.capture import IndexerCapture, chunked_forward, mask_to_doc
 from vllm_flashmemory.dsv4.checkpoint import (
     CONFIG_FILE,
@@ -45,8 +47,9 @@ MANIFEST = "manifest.json"
 KEYS_FILE = "keys.safetensors"
 COMPRESS_RATIO = 4
 # Bound on one chunk's scorer intermediate [chunk, H, N_doc] in float32 elements;
-# the chunk shrinks as documents grow so memory stays flat (~256 MiB).
-_SCORER_ELEMENTS = 1 << 26
+# the chunk shrinks as documents grow so memory stays flat (~256 MiB on the CPU,
+# ~1 GiB on a GPU, where fewer, larger chunks save kernel launches).
+_SCORER_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class HarvestConfig:
 
     def chunk_tokens(self, n_tokens: int, index_heads: int) -> int:
         n_entries = max(1, n_tokens // COMPRESS_RATIO)
-        return max(16, min(self.max_chunk_tokens, _SCORER_ELEMENTS // (index_heads * n_entries)))
+        bound = _SCORER_ELEMENTS[self.device.split(":")[0]]
+        return max(16, min(self.max_chunk_tokens, bound // (index_heads * n_entries)))
 
 
 def tokenize_documents(model_dir: str, docs: Sequence[Document], n_tokens: int | None) -> list[list[int]]:
@@ -110,10 +114,15 @@ def harvest(
     progress: bool = True,
     on_shard_written: Callable[[str, int], None] | None = None,
     model: torch.nn.Module | None = None,
+    worker: tuple[int, int] | None = None,
+    plan_only: bool = False,
 ) -> dict:
     """Harvest every document; returns the final manifest.
 
     `model` may be passed pre-loaded (from `load_hf_model(cfg.model)`) to skip the load.
+    `worker=(i, k)` harvests only documents i, i + k, ... and leaves manifest.json to
+    the parent (`harvest_side_by_side`), which wrote it with `plan_only=True` and
+    marks documents complete by their keys file, the last file a document gets.
     """
     if len(docs) != len(token_ids) or not docs:
         raise ValueError("harvest needs one token list per document and at least one document.")
@@ -169,26 +178,37 @@ def harvest(
     old = _read_manifest(out)
     if old is not None:
         _check_resumable(old, manifest, out)
-        for entry, old_entry in zip(manifest["documents"], old["documents"]):
-            entry["complete"] = old_entry["complete"]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    elif worker is not None:
+        raise ValueError(f"--worker needs the manifest its parent writes in {str(out)!r}.")
+    for entry in manifest["documents"]:
+        # keys.safetensors is written after every shard of its document
+        entry["complete"] = (out / entry["dir"] / KEYS_FILE).is_file()
+    if worker is None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    if plan_only:
+        return manifest
+    mine = [
+        not entry["complete"] and (worker is None or i % worker[1] == worker[0])
+        for i, entry in enumerate(manifest["documents"])
+    ]
 
     if model is None:
         model = load_model_on(cfg.model, cfg.device)
     device = next(model.parameters()).device
-    total = sum(len(ids) for e, ids in zip(manifest["documents"], token_ids) if not e["complete"])
+    total = sum(len(ids) for todo, ids in zip(mine, token_ids) if todo)
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="tok", desc="harvest", disable=not progress)
     t0 = time.perf_counter()
-    for entry, ids in zip(manifest["documents"], token_ids):
-        if entry["complete"]:
+    for todo, entry, ids in zip(mine, manifest["documents"], token_ids):
+        if not todo:
             continue
         _harvest_document(cfg, model, entry, torch.tensor(ids, device=device), out, geometry,
                           bar, on_shard_written)
         entry["complete"] = True
-        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        if worker is None:
+            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     bar.close()
     logger.info("harvested %d tokens in %.1f s", total, time.perf_counter() - t0)
     return manifest
@@ -286,7 +306,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=_DEFAULTS["device"].default,
                         help="cpu or cuda: where the model runs, fp32 either way "
                         "(default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="harvest processes side by side on the device; documents are "
+                        "dealt round-robin (default: %(default)s)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # "i/k": one worker's share
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def parse_worker(text: str | None) -> tuple[int, int] | None:
+    """'i/k' -> (i, k) with 0 <= i < k."""
+    if text is None:
+        return None
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, k = -1, 0
+    if not 0 <= i < k:
+        raise ValueError(f"--worker {text!r} must be i/k with 0 <= i < k, e.g. 0/4.")
+    return i, k
+
+
+def worker_command(args: argparse.Namespace, i: int) -> list[str]:
+    """`flashmemory harvest` for worker i of args.workers: the same documents and
+    settings, its own share (--worker i/k), no progress bar."""
+    cmd = [sys.executable, "-m", "vllm_flashmemory.cli", "harvest",
+           "--model", args.model, "--out", args.out,
+           "--prompt-tokens", str(args.prompt_tokens),
+           "--positions-per-shard", str(args.positions_per_shard),
+           "--max-chunk-tokens", str(args.max_chunk_tokens), "--device", args.device,
+           "--seed", str(args.seed), "--worker", f"{i}/{args.workers}", "--no-progress"]
+    if args.documents is not None:
+        cmd += ["--documents", args.documents]
+    else:
+        cmd += ["--synthetic", str(args.synthetic)]
+    if args.tokens is not None:
+        cmd += ["--tokens", str(args.tokens)]
+    if args.hidden_layers:
+        cmd += ["--hidden-layers", *map(str, args.hidden_layers)]
+    return cmd
+
+
+def harvest_side_by_side(
+    cfg: HarvestConfig, docs: Sequence[Document], token_ids: Sequence[Sequence[int]],
+    args: argparse.Namespace,
+) -> tuple[dict, list[str]]:
+    """`--workers k`: write the manifest, harvest in k subprocesses, then mark the
+    finished documents complete (also when stopped: a rerun does only the rest).
+    Returns the manifest and one report per failed worker."""
+    harvest(cfg, docs, token_ids, plan_only=True)
+    logs = [Path(cfg.out) / f"worker{i}.log" for i in range(args.workers)]
+    for i, log in enumerate(logs):
+        print(f"harvest worker {i}/{args.workers}: log {log}")
+    failures = run_side_by_side(
+        [worker_command(args, i) for i in range(args.workers)], logs,
+        on_stop=lambda: harvest(cfg, docs, token_ids, plan_only=True),
+    )
+    return harvest(cfg, docs, token_ids, plan_only=True), failures
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,11 +378,23 @@ def run(args: argparse.Namespace) -> int:
         docs = synthetic_documents(args.synthetic, args.tokens - 1, seed=args.seed)
     else:
         docs = read_jsonl(args.documents)
+    if isinstance(args.workers, bool) or args.workers < 1:
+        raise ValueError(f"--workers {args.workers!r} must be a positive integer.")
+    worker = parse_worker(args.worker)
     ids = tokenize_documents(cfg.model, docs, args.tokens)
     t0 = time.perf_counter()
-    manifest = harvest(cfg, docs, ids, progress=not args.no_progress)
+    failures: list[str] = []
+    if worker is not None:
+        manifest = harvest(cfg, docs, ids, progress=False, worker=worker)
+    elif args.workers > 1:
+        manifest, failures = harvest_side_by_side(cfg, docs, ids, args)
+    else:
+        manifest = harvest(cfg, docs, ids, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
-    n = sum(d["n_tokens"] for d in manifest["documents"])
-    print(f"harvested {len(docs)} documents, {n} tokens, in {seconds:.1f} s "
+    done = [d for d in manifest["documents"] if d["complete"]]
+    n = sum(d["n_tokens"] for d in done)
+    print(f"harvested {len(done)} of {len(docs)} documents, {n} tokens, in {seconds:.1f} s "
           f"({seconds / max(n, 1) * 1000:.2f} s per 1K tokens incl. model load) -> {cfg.out}")
-    return 0
+    for report in failures:
+        print(report)
+    return 1 if failures else 0

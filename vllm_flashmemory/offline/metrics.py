@@ -127,7 +127,7 @@ def evaluate_thresholds(
             for start in range(0, doc.n_windows, batch_windows):
                 sl = slice(start, start + batch_windows)
                 hidden = doc.hidden[sl].transpose(0, 1)  # [L, B, D]
-                scores = model(hidden, doc.positions[sl], doc.k_icomp)  # [L, B, N]
+                scores = model(hidden, doc.positions[sl], doc.k_icomp).cpu()  # [L, B, N]
                 visible = (
                     torch.arange(doc.k_icomp.shape[1])[None, :]
                     < doc.n_visible[sl, None]

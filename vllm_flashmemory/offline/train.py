@@ -42,6 +42,7 @@ from vllm_flashmemory.core.memory_indexer import (
     MemoryIndexerConfig,
     native_indexer_state,
 )
+from vllm_flashmemory.dsv4.checkpoint import check_device
 from vllm_flashmemory.offline.dataset import (
     DocumentWindows,
     HarvestManifest,
@@ -113,6 +114,9 @@ class TrainConfig:
     # Fraction of documents held out for evaluation (at least one).
     val_fraction: float = 0.25
     seed: int = 0
+    # Where the indexer trains: "cpu" or "cuda" (one GPU; the keys, hidden states and
+    # positions of every document move there, labels and sampling stay on the CPU).
+    device: str = "cpu"
     # Continue from OUT/train_state.pt when it exists.
     resume: bool = False
     progress: bool = True
@@ -157,6 +161,7 @@ class TrainConfig:
             raise ValueError(f"native_scale={self.native_scale!r} must be > 0; use 0.1.")
         if not 0.0 <= self.relu_slope < 1.0:
             raise ValueError(f"relu_slope={self.relu_slope!r} must lie in [0, 1); use 0.1.")
+        check_device(self.device)
         if self.focal_gamma < 0:
             raise ValueError(
                 f"focal_gamma={self.focal_gamma!r} must be >= 0; use 2 (the paper's)."
@@ -310,8 +315,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_docs, val_docs = split_documents(
         manifest.labelled_documents(), cfg.val_fraction, cfg.seed
     )
-    train_set = [load_document(manifest, d, icfg.layer_ids) for d in train_docs]
-    val_set = [load_document(manifest, d, icfg.layer_ids) for d in val_docs]
+    train_set = [load_document(manifest, d, icfg.layer_ids).to(cfg.device) for d in train_docs]
+    val_set = [load_document(manifest, d, icfg.layer_ids).to(cfg.device) for d in val_docs]
     epc = max(1, cfg.chunk_tokens // manifest.geometry.compress_ratio)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,6 +325,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = MemoryIndexer(icfg)
     if cfg.init == "native":
         native_init(model, manifest, cfg)
+    model.to(cfg.device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -438,6 +444,8 @@ def _batch_loss(
     if not bool(mask.any()):
         return None  # windows with no visible history teach nothing
     w = sample_weights(mask, cfg.sample_weighting)
+    device = doc.hidden.device
+    mask, y, w = mask.to(device), y.to(device), w.to(device)
     scores = model(
         doc.hidden[sl].transpose(0, 1), doc.positions[sl], doc.k_icomp,
         relu_slope=relu_slope,
@@ -513,6 +521,7 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "chunk_tokens": (int, "chunk size for the chunk-level counts"),
     "val_fraction": (float, "fraction of documents held out"),
     "seed": (int, "seed of init, split and sampling"),
+    "device": (str, "cpu or cuda: where the indexer trains"),
 }
 
 

@@ -31,8 +31,6 @@ import logging
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +40,7 @@ from typing import Any
 
 from vllm_flashmemory.core.atomic import atomic_write, atomic_write_text
 from vllm_flashmemory.core.config import LSAConfig
+from vllm_flashmemory.core.side_by_side import run_side_by_side
 from vllm_flashmemory.reference.methods import (
     Method,
     MethodSpec,
@@ -429,10 +428,6 @@ def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str
     return cmd
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_workers(
     cfg: EvalConfig, print_fn: Callable[[str], None] = print
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -444,37 +439,18 @@ def run_workers(
     if not groups:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
         return rows, []
-    procs = []
-    # `timeout` and job schedulers stop with SIGTERM: end the workers as on Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        for i, cells in enumerate(groups):
-            shard, log = f"{cfg.json_path}.worker{i}.json", f"{cfg.json_path}.worker{i}.log"
-            print_fn(f"worker {i}: {' '.join(f'{t}@{n}' for t, n in cells)} (log {log})")
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(
-                    worker_command(cfg, cells, shard), stdout=out, stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1",
-                         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
-                ))
-        codes = [proc.wait() for proc in procs]
-    except BaseException:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
-        merge_shards(cfg.json_path)  # every finished cell is kept; a rerun runs the rest
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    rows = merge_shards(cfg.json_path)
-    failures = []
-    for i, code in enumerate(codes):
-        if code != 0:
-            tail = Path(f"{cfg.json_path}.worker{i}.log").read_text(errors="replace")
-            failures.append(f"worker {i} exited with {code}; log tail:\n"
-                            + "\n".join(tail.splitlines()[-15:]))
-    return rows, failures
+    commands, logs = [], []
+    for i, cells in enumerate(groups):
+        shard, log = f"{cfg.json_path}.worker{i}.json", f"{cfg.json_path}.worker{i}.log"
+        print_fn(f"worker {i}: {' '.join(f'{t}@{n}' for t, n in cells)} (log {log})")
+        commands.append(worker_command(cfg, cells, shard))
+        logs.append(log)
+    failures = run_side_by_side(
+        commands, logs, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+        # every finished cell is kept; a rerun runs the rest
+        on_stop=lambda: merge_shards(cfg.json_path),
+    )
+    return merge_shards(cfg.json_path), failures
 
 
 def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConfig) -> None:
