@@ -13,8 +13,9 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
 DEVICE=${DEVICE:-cuda}; TRAIN_MIN=${TRAIN_MIN:-0}; DEADLINE_S=${DEADLINE_S:-570}
 DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue,niah_multiquery,vt,no_context}
-# Documents whose context + question is exactly PROMPT tokens: harvest records the
-# answer's own window, the one LSA's refresh at the end of a prompt scores.
+# Documents whose context + question is exactly PROMPT tokens, harvested from PROMPT - 1:
+# the first query is the prompt's last token, where LSA refreshes at the end of prefill,
+# and its window is the answer (offline/labels.py).
 PROMPT=${PROMPT:-4096}; DOC_LEN=$((PROMPT + 64)); DOC_N=${DOC_N:-24}; DOC_SEED=${DOC_SEED:-0}
 # Harvest processes side by side (the tiny backbone is launch-bound, not GPU-bound) and
 # an optional time box in seconds: documents finished by then are labelled and used.
@@ -44,7 +45,7 @@ if [ -z "${INDEXER:-}" ]; then
   cat "$WORK"/docs_*.jsonl > "$WORK/docs.jsonl"
   echo "$(wc -l < "$WORK/docs.jsonl") documents at $(( $(date +%s) - T0 )) s"
   HARVEST_CMD=($CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl"
-    --tokens "$DOC_LEN" --prompt-tokens "$PROMPT" --device "$DEVICE" --max-chunk-tokens 4096
+    --tokens "$DOC_LEN" --prompt-tokens $((PROMPT - 1)) --device "$DEVICE" --max-chunk-tokens 4096
     --workers "$HARVEST_WORKERS" --no-progress)
   if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -3
   else "${HARVEST_CMD[@]}" | tail -3; fi

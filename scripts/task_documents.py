@@ -6,8 +6,8 @@ far chunks are the question and the answer, so the documents end with both.
 
 With --prompt-tokens P every document's context + question is exactly P tokens (the
 haystack after RULER's instruction line is trimmed; every answer stays), so `harvest
---prompt-tokens P` records the answer's own window: the window an LSA refresh at the
-end of a prompt scores. Without it, the recorded windows are mostly haystack, where
+--prompt-tokens P-1` makes the prompt's last token the first query and the answer its
+window: what an LSA refresh at the end of a prompt scores (offline/labels.py). Without it, the recorded windows are mostly haystack, where
 attention is diffuse and labels carry little signal (the first 16K grid: the
 indexer's scores bunched at 0.5-0.6 and LSA kept nothing beyond recency's chunks).
 Usage: python scripts/task_documents.py --tasks niah_single_1,vt --length 2048 --n 8 \

@@ -220,10 +220,17 @@ def test_label_harvest_streams_shards_like_one_call(tmp_path):
     summary = label_harvest(tmp_path, LabelConfig(tau=16), progress=False)
     out = load_file(str(tmp_path / "doc00000" / "labels.safetensors"))
     visible = torch.arange(N)[None, :] < ((positions + 1) // 4)[:, None]
-    expected = golden_labels(logits, visible, tau=16)
+    # The refresh at query q serves positions q + 1 .. q + tau: the first query (40)
+    # is itself served by the prefill's refresh, so the windows start at 41.
+    expected = golden_labels(logits[1:], visible[1:], tau=16)
+    assert out["golden"].shape == (4, N)
     assert torch.equal(out["golden"], expected)
     assert out["query_positions"].tolist() == [40, 56, 72, 88]
     assert summary["windows"] == 4
+    # by hand: window 1 (query 56) is the union over positions 57..72 and nothing else
+    golden = golden_entries(logits, visible)
+    assert torch.equal(out["golden"][1], golden[(positions > 56) & (positions <= 72)].any(0))
+    assert not torch.equal(golden_labels(logits, visible, tau=16), expected)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["labels"] == {"top_p": 0.6, "min_votes": 3, "tau": 16}
 

@@ -2,6 +2,16 @@
 
 `golden_labels` is the public contract; `flashmemory label` streams it over
 harvested shards (docs/DATA_FORMAT.md) and writes `labels.safetensors` per document.
+
+A window is what one refresh serves. Serving refreshes before the forward of token t
+with the hidden state of the last processed token q = t - 1 (reference/engine.py and
+the connector decide residency before the forward that reads it), and that residency
+holds for the forwards of tokens q + 1 .. q + tau. So window w of a harvest with
+prompt_tokens P has query position q_w = P + tau * w and the golden entries of
+positions q_w + 1 .. q_w + tau. Harvest question documents with --prompt-tokens one
+less than the prompt, so q_0 is the prompt's last token, where serving refreshes at
+the end of prefill. (Windows used to start at the query itself: the indexer learned
+from the hidden state of the first answer token, which serving never has.)
 """
 
 from __future__ import annotations
@@ -190,8 +200,12 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
     for doc in tqdm(docs, desc="label", unit="doc", disable=not progress):
         doc_dir = root / doc["dir"]
         n_entries = int(doc["n_tokens"]) // ratio
-        n_decode = int(doc["n_tokens"]) - prompt_tokens
-        W = math.ceil(n_decode / config.tau)
+        # positions P + 1 .. n_tokens - 1 are served; P itself is only the first query
+        n_served = int(doc["n_tokens"]) - prompt_tokens - 1
+        W = math.ceil(n_served / config.tau)
+        if W == 0:
+            logger.warning("%s: no position after the query at %d; no window",
+                           doc["doc_id"], prompt_tokens)
         labels = torch.zeros(W, n_entries, dtype=torch.bool)  # [W, N]
         for j in range(int(doc["n_shards"])):
             shard = load_file(str(doc_dir / f"shard{j:05d}.safetensors"))
@@ -202,9 +216,11 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
             golden = golden_entries(
                 logits, visible, top_p=config.top_p, min_votes=config.min_votes
             )
-            window = (positions - prompt_tokens) // config.tau  # [T_s]
+            # position p is served by the window whose query q_w satisfies q_w < p <= q_w + tau
+            window = torch.div(positions - prompt_tokens - 1, config.tau, rounding_mode="floor")
             for w in torch.unique(window).tolist():
-                labels[w] |= golden[window == w].any(dim=0)
+                if w >= 0:
+                    labels[w] |= golden[window == w].any(dim=0)
         query_positions = prompt_tokens + config.tau * torch.arange(W)
         visible_at_query = (
             torch.arange(n_entries)[None, :] < ((query_positions + 1) // ratio)[:, None]
