@@ -13,10 +13,11 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
 DEVICE=${DEVICE:-cuda}; TRAIN_MIN=${TRAIN_MIN:-0}; DEADLINE_S=${DEADLINE_S:-570}
 DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multivalue,niah_multiquery,vt,no_context}
-# Documents whose context + question is exactly PROMPT tokens, harvested from PROMPT - 1:
-# the first query is the prompt's last token, where LSA refreshes at the end of prefill,
-# and its window is the answer (offline/labels.py).
-PROMPT=${PROMPT:-4096}; DOC_LEN=$((PROMPT + 64)); DOC_N=${DOC_N:-24}; DOC_SEED=${DOC_SEED:-0}
+# DOCS="PROMPT:N,...": N documents per task whose context + question is exactly PROMPT
+# tokens, one harvest per PROMPT, all training one indexer. Each is harvested from
+# PROMPT - 1: the first query is the prompt's last token, where LSA refreshes at the end
+# of prefill, and its window is the answer (offline/labels.py).
+DOCS=${DOCS:-4096:24}; DOC_SEED=${DOC_SEED:-0}
 # Harvest processes side by side (the tiny backbone is launch-bound, not GPU-bound) and
 # an optional time box in seconds: documents finished by then are labelled and used.
 HARVEST_WORKERS=${HARVEST_WORKERS:-4}; HARVEST_S=${HARVEST_S:-0}
@@ -37,22 +38,27 @@ if [ "$TRAIN_MIN" != 0 ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 if [ -z "${INDEXER:-}" ]; then
-  for task in ${DOC_TASKS//,/ }; do  # one generator per task, side by side
-    python3 scripts/task_documents.py --tasks "$task" --length "$DOC_LEN" --n "$DOC_N" \
-      --seed "$DOC_SEED" --prompt-tokens "$PROMPT" --out "$WORK/docs_$task.jsonl" > /dev/null &
+  HARVESTS=()
+  for spec in ${DOCS//,/ }; do
+    PROMPT=${spec%%:*}; DOC_N=${spec##*:}; DOC_LEN=$((PROMPT + 64)); H=$WORK/harvest_$PROMPT
+    for task in ${DOC_TASKS//,/ }; do  # one generator per task, side by side
+      python3 scripts/task_documents.py --tasks "$task" --length "$DOC_LEN" --n "$DOC_N" \
+        --seed "$DOC_SEED" --prompt-tokens "$PROMPT" --out "$WORK/docs${PROMPT}_$task.jsonl" > /dev/null &
+    done
+    wait
+    cat "$WORK"/docs${PROMPT}_*.jsonl > "$WORK/docs$PROMPT.jsonl"
+    echo "$(wc -l < "$WORK/docs$PROMPT.jsonl") documents of $PROMPT tokens at $(( $(date +%s) - T0 )) s"
+    HARVEST_CMD=($CLI harvest --model "$BB" --out "$H" --documents "$WORK/docs$PROMPT.jsonl"
+      --tokens "$DOC_LEN" --prompt-tokens $((PROMPT - 1)) --device "$DEVICE" --max-chunk-tokens 4096
+      --workers "$HARVEST_WORKERS" --no-progress)
+    if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -1
+    else "${HARVEST_CMD[@]}" | tail -1; fi
+    $CLI label "$H" | tail -1
+    HARVESTS+=("$H")
   done
-  wait
-  cat "$WORK"/docs_*.jsonl > "$WORK/docs.jsonl"
-  echo "$(wc -l < "$WORK/docs.jsonl") documents at $(( $(date +%s) - T0 )) s"
-  HARVEST_CMD=($CLI harvest --model "$BB" --out "$WORK/harvest" --documents "$WORK/docs.jsonl"
-    --tokens "$DOC_LEN" --prompt-tokens $((PROMPT - 1)) --device "$DEVICE" --max-chunk-tokens 4096
-    --workers "$HARVEST_WORKERS" --no-progress)
-  if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -3
-  else "${HARVEST_CMD[@]}" | tail -3; fi
   echo "harvest done at $(( $(date +%s) - T0 )) s"
-  $CLI label "$WORK/harvest" | tail -3
-  $CLI train "$WORK/harvest" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
-    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --device "$DEVICE" --no-progress | tail -16
+  $CLI train "${HARVESTS[@]}" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
+    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --device "$DEVICE" --no-progress | tail -20
   [ -f "$WORK/train/metrics.json" ] || { echo "no Memory Indexer was trained"; exit 1; }
   tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
   INDEXER=$WORK/train/indexer

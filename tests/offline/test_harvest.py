@@ -187,7 +187,7 @@ def test_cuda_harvest_matches_cpu(setup, full_run, tmp_path):
 
 def test_native_init_reproduces_recorded_logits(full_run):
     manifest = HarvestManifest.read(full_run)  # its model folder is the backbone
-    cfg = TrainConfig(data_dir=str(full_run), out_dir="unused", init="native",
+    cfg = TrainConfig(data_dirs=str(full_run), out_dir="unused", init="native",
                       native_scale=1.0)
     mi = MemoryIndexer(build_indexer_config(manifest, cfg))
     assert mi.config.layer_ids == (0, 1, 2, 3)

@@ -20,6 +20,8 @@ Scenarios:
   config.json (tiny model: YaRN over 4096 original positions);
 - refusals: an indexer layer without hidden states, bad TrainConfig values, an unknown
   --device;
+- several harvests (two context lengths) train one indexer, each split on its own so
+  both lengths are held out; harvests of another geometry are refused;
 - on a GPU, --device cuda trains to the CPU run's losses, metrics and weights (fp32);
 - the CLI runs end to end and prints the bucket table and the threshold sweep;
 - init native: the indexer takes the backbone's q_lora_rank and starts
@@ -114,7 +116,7 @@ def test_window_weighting():
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
     base = {
-        "data_dir": str(tmp_path / "h"),
+        "data_dirs": str(tmp_path / "h"),
         "out_dir": str(tmp_path / "o"),
         "epochs": 6,
         "progress": False,
@@ -251,6 +253,35 @@ def test_refusals(tmp_path):
         _cfg(tmp_path, device="tpu")
 
 
+def test_train_on_harvests_of_two_lengths(tmp_path):
+    short, long = tmp_path / "short", tmp_path / "long"
+    make_harvest(short, n_docs=4)  # queries in 0-1K
+    make_harvest(long, n_docs=4, n_tokens=1536, prompt_tokens=1100)  # queries in 1K-2K
+    res = train(_cfg(tmp_path, n_heads=4, data_dirs=(str(short), str(long))))
+    # each harvest is split on its own, so both lengths are held out and evaluated
+    assert len(res.val_documents) == 2 and len(res.train_documents) == 6
+    assert set(res.final["buckets"]) == {"0-1K", "1K-2K"}
+    for bucket in res.final["buckets"].values():
+        assert bucket["windows"] > 0 and bucket["recall"] > 0.5
+    saved = json.loads(res.metrics_path.read_text())
+    assert [f["path"] for f in saved["harvest"]["folders"]] == [str(short), str(long)]
+    assert [f["prompt_tokens"] for f in saved["harvest"]["folders"]] == [256, 1100]
+    assert saved["train_config"]["data_dirs"] == [str(short), str(long)]
+    # the short harvest's split is the one it gets alone
+    alone = train(_cfg(tmp_path, n_heads=4, epochs=1, data_dirs=str(short),
+                       out_dir=str(tmp_path / "alone")))
+    assert alone.val_documents == res.val_documents[:1]
+
+
+def test_harvests_of_other_backbones_are_refused(tmp_path):
+    make_harvest(tmp_path / "a", n_docs=2)
+    make_harvest(tmp_path / "b", n_docs=2, hidden_size=48)
+    with pytest.raises(ValueError, match=r"differ in geometry.*one backbone"):
+        train(_cfg(tmp_path, data_dirs=(str(tmp_path / "a"), str(tmp_path / "b"))))
+    with pytest.raises(ValueError, match="name a harvest twice"):
+        _cfg(tmp_path, data_dirs=(str(tmp_path / "a"), str(tmp_path / "a")))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_matches_cpu(tmp_path):
     """Same samples, same steps: the GPU run ends where the CPU run does, up to fp32
@@ -369,7 +400,7 @@ def test_native_init_starts_as_backbone(tmp_path):
     # An explicit --backbone works as well. With a
     # vanishing learning rate one epoch leaves the backbone's weights in place.
     res = train(TrainConfig(
-        data_dir=str(root), out_dir=str(tmp_path / "o"), epochs=1, lr=1e-12,
+        data_dirs=str(root), out_dir=str(tmp_path / "o"), epochs=1, lr=1e-12,
         progress=False, chunk_tokens=64, backbone=str(tmp_path / "backbone"), init="native",
         native_scale=1.0,
     ))

@@ -87,6 +87,8 @@ class DocumentInfo:
     n_tokens: int
     n_shards: int
     complete: bool
+    # The harvest folder holding `dir` (training may read several harvests).
+    root: Path = Path(".")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class HarvestManifest:
                 n_tokens=int(d["n_tokens"]),
                 n_shards=int(d["n_shards"]),
                 complete=bool(d["complete"]),
+                root=root,
             )
             for d in m["documents"]
         )
@@ -208,7 +211,7 @@ def load_document(
 
     g = manifest.geometry
     rows = check_indexer_layers(g, layer_ids)
-    d = manifest.root / doc.dir
+    d = doc.root / doc.dir
     k_all = load_file(str(d / "keys.safetensors"))["k_icomp"]  # [L_csa, N, Dk]
     if (
         k_all.dim() != 3
@@ -266,6 +269,25 @@ def load_document(
     )
 
 
+def same_backbone(manifests: list[HarvestManifest]) -> HarvestManifest:
+    """The first of several harvests after checking that they can train one indexer
+    together: same backbone, geometry and label settings (their lengths may differ)."""
+    if not manifests:
+        raise ValueError("no harvest folder given; pass at least one DATA_DIR.")
+    first = manifests[0]
+    for m in manifests[1:]:
+        for what, a, b in (("model", first.model, m.model),
+                           ("geometry", first.geometry, m.geometry),
+                           ("label settings", first.labels, m.labels)):
+            if a != b:
+                raise ValueError(
+                    f"harvests {str(first.root)!r} and {str(m.root)!r} differ in {what} "
+                    f"({a!r} vs {b!r}); train on harvests of one backbone, labelled with "
+                    "the same `flashmemory label` settings."
+                )
+    return first
+
+
 def split_documents(
     docs: list[DocumentInfo], val_fraction: float, seed: int
 ) -> tuple[list[DocumentInfo], list[DocumentInfo]]:
@@ -276,7 +298,7 @@ def split_documents(
             "be "
             "held out for evaluation. Harvest more documents."
         )
-    order = sorted(docs, key=lambda d: d.doc_id)
+    order = sorted(docs, key=lambda d: (d.doc_id, str(d.root)))
     random.Random(seed).shuffle(order)
     n_val = min(len(order) - 1, max(1, round(val_fraction * len(order))))
     return order[n_val:], order[:n_val]
@@ -309,5 +331,6 @@ __all__ = [
     "DocumentWindows",
     "check_indexer_layers",
     "load_document",
+    "same_backbone",
     "split_documents",
 ]

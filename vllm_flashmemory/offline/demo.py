@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True) -> dict:
 
     t = time.perf_counter()
     tcfg = TrainConfig(
-        data_dir=str(harvest_dir), out_dir=str(work / "train"), epochs=cfg.epochs,
+        data_dirs=str(harvest_dir), out_dir=str(work / "train"), epochs=cfg.epochs,
         chunk_tokens=cfg.chunk_tokens, seed=cfg.seed, resume=True, progress=progress,
     )
     result = train(tcfg)

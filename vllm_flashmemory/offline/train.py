@@ -48,6 +48,7 @@ from vllm_flashmemory.offline.dataset import (
     HarvestManifest,
     check_indexer_layers,
     load_document,
+    same_backbone,
     split_documents,
 )
 from vllm_flashmemory.offline.metrics import (
@@ -66,7 +67,10 @@ STATE_FILE = "train_state.pt"
 class TrainConfig:
     """Settings of `flashmemory train`; the CLI reads its defaults from here."""
 
-    data_dir: str
+    # Labelled harvest folders (one str is taken as one folder). Several harvests of one
+    # backbone, e.g. one per context length, train one indexer; each is split into
+    # train and held-out documents on its own, so every length is evaluated.
+    data_dirs: tuple[str, ...]
     out_dir: str
     # Indices among CSA layers; None = every layer whose hidden states were harvested.
     indexer_layers: tuple[int, ...] | None = None
@@ -122,6 +126,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        dirs = (self.data_dirs,) if isinstance(self.data_dirs, str) else tuple(self.data_dirs)
+        object.__setattr__(self, "data_dirs", dirs)
+        if len(set(dirs)) != len(dirs):
+            raise ValueError(f"data_dirs {list(dirs)} name a harvest twice; pass each once.")
         if self.indexer_layers is not None:
             object.__setattr__(self, "indexer_layers", tuple(self.indexer_layers))
         for name in (
@@ -310,11 +318,13 @@ def native_init(model: MemoryIndexer, manifest: HarvestManifest, cfg: TrainConfi
 def train(cfg: TrainConfig) -> TrainResult:
     """Train, evaluate every epoch on held-out documents, checkpoint; see the module "
     "docstring."""
-    manifest = HarvestManifest.read(cfg.data_dir)
+    manifests = [HarvestManifest.read(d) for d in cfg.data_dirs]
+    manifest = same_backbone(manifests)
     icfg = build_indexer_config(manifest, cfg)
-    train_docs, val_docs = split_documents(
-        manifest.labelled_documents(), cfg.val_fraction, cfg.seed
-    )
+    train_docs, val_docs = [], []
+    for m in manifests:
+        tr, va = split_documents(m.labelled_documents(), cfg.val_fraction, cfg.seed)
+        train_docs, val_docs = train_docs + tr, val_docs + va
     train_set = [load_document(manifest, d, icfg.layer_ids).to(cfg.device) for d in train_docs]
     val_set = [load_document(manifest, d, icfg.layer_ids).to(cfg.device) for d in val_docs]
     epc = max(1, cfg.chunk_tokens // manifest.geometry.compress_ratio)
@@ -412,12 +422,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 p,
             ),
         )
-        _write_outputs(out, cfg, manifest, icfg, history, train_docs, val_docs)
+        _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs)
 
     sweep = threshold_sweep(
         model, val_set, (*SWEEP_THRESHOLDS, cfg.threshold), cfg.routing, epc
     )
-    _write_outputs(out, cfg, manifest, icfg, history, train_docs, val_docs, sweep)
+    _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs, sweep)
     return TrainResult(
         checkpoint=out / "indexer",
         metrics_path=out / "metrics.json",
@@ -458,7 +468,7 @@ def _batch_loss(
 def _write_outputs(
     out: Path,
     cfg: TrainConfig,
-    manifest: HarvestManifest,
+    manifests: list[HarvestManifest],
     icfg: MemoryIndexerConfig,
     history: list[dict[str, Any]],
     train_docs: list,
@@ -472,9 +482,13 @@ def _write_outputs(
         },
         "indexer_config": icfg.to_dict(),
         "harvest": {
-            "model": manifest.model,
-            "labels": manifest.labels,
-            "prompt_tokens": manifest.prompt_tokens,
+            "model": manifests[0].model,
+            "labels": manifests[0].labels,
+            "prompt_tokens": manifests[0].prompt_tokens,
+            "folders": [
+                {"path": str(m.root), "prompt_tokens": m.prompt_tokens}
+                for m in manifests
+            ],
         },
         "train_documents": [d.doc_id for d in train_docs],
         "val_documents": [d.doc_id for d in val_docs],
@@ -526,8 +540,10 @@ _FLAGS: dict[str, tuple[Any, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig(data_dir="", out_dir="")
-    parser.add_argument("data_dir", help="output directory of harvest + label")
+    defaults = TrainConfig(data_dirs="", out_dir="")
+    parser.add_argument("data_dirs", nargs="+", metavar="DATA_DIR",
+                        help="output directories of harvest + label (several: e.g. one "
+                        "per context length, each split into train and held-out on its own)")
     parser.add_argument(
         "--out-dir",
         required=True,
@@ -553,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     )
     values = {name: getattr(args, name) for name in _FLAGS}
     cfg = TrainConfig(
-        data_dir=args.data_dir,
+        data_dirs=tuple(args.data_dirs),
         out_dir=args.out_dir,
         resume=args.resume,
         progress=not args.no_progress,
