@@ -263,7 +263,15 @@ def test_committed_checkpoint_loads_and_records_its_command():
     model = load_hf_model(ASSET)
     assert sum(p.numel() for p in model.parameters()) == meta["params"]
     assert (ASSET / "tokenizer.json").is_file()
-    assert (ASSET / "indexer" / "config.json").is_file()
+    # the committed Memory Indexer fits this backbone and records how it was trained
+    from vllm_flashmemory.core.memory_indexer import MemoryIndexer
+
+    indexer = MemoryIndexer.load(ASSET / meta["memory_indexer"]["dir"])
+    assert indexer.config.hidden_size == model.config.hidden_size
+    assert indexer.config.n_heads == model.config.index_n_heads
+    metrics = json.loads((ASSET / meta["memory_indexer"]["metrics"]).read_text())
+    assert metrics["harvest"]["labels"]["tau"] == 64 and metrics["threshold_sweep"]
+    assert metrics["indexer_config"] == indexer.config.to_dict()
 
 
 @pytest.mark.parametrize(
