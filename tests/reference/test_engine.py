@@ -11,6 +11,8 @@ Scenarios:
 - footprints equal request_footprint's of the always-resident set (recency).
 - random keeps round(10%) of the historical chunks, oracle the top-mass ones,
   quest at most its budget per layer; lsa's selection moves chunks both ways.
+- the first window `harvest --prompt-tokens P-1` + `label` make is the end-of-prefill
+  refresh: same hidden states, query position and visible entries.
 """
 
 from __future__ import annotations
@@ -277,3 +279,41 @@ def _plain_greedy_on(model, prompt: list[int]) -> tuple[int, ...]:
                     past_key_values=cache, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tuple(tokens)
+
+
+def test_first_training_window_is_the_end_of_prefill_refresh(indexer, prompt, tmp_path):
+    """What `flashmemory harvest --prompt-tokens P-1` + `label` train on is what the
+    engine scores when it refreshes at the end of a P-token prefill: the hidden state
+    of the prompt's last token at every indexer layer, position P - 1, and the P // 4
+    entries written by then (offline/labels.py)."""
+    from safetensors.torch import load_file
+
+    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+    from vllm_flashmemory.offline.dataset import HarvestManifest, load_document
+    from vllm_flashmemory.offline.documents import Document
+    from vllm_flashmemory.offline.harvest import HarvestConfig, harvest
+    from vllm_flashmemory.offline.labels import LabelConfig, label_harvest
+    from vllm_flashmemory.offline.tiny_model import make_tiny
+
+    folder = make_tiny(str(tmp_path / "tiny"), seed=0)
+    model = load_hf_model(folder)
+    P, tau = len(prompt), 4
+    ids = prompt + [5 + i for i in range(2 * tau)]  # the "answer" after the prompt
+    out = tmp_path / "harvest"
+    harvest(HarvestConfig(model=str(folder), out=str(out), prompt_tokens=P - 1,
+                          positions_per_shard=64, max_chunk_tokens=PREFILL_CHUNK),
+            [Document("d0", "")], [ids], progress=False, model=model)
+    label_harvest(out, LabelConfig(tau=tau, min_votes=1), progress=False)
+    manifest = HarvestManifest.read(out)
+    (doc,) = manifest.labelled_documents()
+    window = load_document(manifest, doc, indexer.config.layer_ids)
+    assert window.positions[0] == P - 1 and window.n_visible[0] == P // 4
+    shard = load_file(str(out / "doc00000" / "shard00000.safetensors"))
+    assert shard["positions"][0] == P - 1
+    with _engine(model, indexer) as eng:
+        served = eng.prefill(prompt).hidden  # per CSA slot: the last prompt token's input
+    for row, slot in enumerate(indexer.config.layer_ids):
+        torch.testing.assert_close(window.hidden[0, row], served[slot], atol=1e-4, rtol=1e-4)
+    # and the previous convention (query at P, the first answer token) would differ
+    assert not torch.allclose(shard["hidden"][1, 0], served[indexer.config.layer_ids[0]],
+                              atol=1e-3)
