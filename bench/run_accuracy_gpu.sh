@@ -6,7 +6,8 @@
 # Usage (repo root): OUT=runs/acc BB=vllm_flashmemory/assets/backbone bash bench/run_accuracy_gpu.sh
 #   INDEXER=DIR skips harvest/label/train and evaluates with that Memory Indexer.
 #   THRESHOLD=x fixes the threshold; otherwise the lowest swept threshold whose held-out
-#   chunk resident fraction is <= RESIDENT_TARGET (historical chunks, at EVAL_CHUNK).
+#   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
+#   bucket is <= RESIDENT_TARGET.
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -69,7 +70,14 @@ if [ -z "${THRESHOLD:-}" ]; then
   THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'
 import json, sys
 sweep = json.load(open(sys.argv[1]))["threshold_sweep"]
-ok = [r["threshold"] for r in sweep if (r["chunk_resident_fraction"] or 1.0) <= float(sys.argv[2])]
+def lower_edge(name):  # '16K-32K' -> 16
+    lo = name.split("-")[0]
+    return 0.0 if lo == "0" else float(lo.rstrip("K"))
+def resident(row):  # the longest context bucket held out, else overall
+    buckets = row.get("buckets") or {}
+    b = buckets[max(buckets, key=lower_edge)] if buckets else row
+    return b["chunk_resident_fraction"] or 1.0
+ok = [r["threshold"] for r in sweep if resident(r) <= float(sys.argv[2])]
 print(min(ok) if ok else max(r["threshold"] for r in sweep))
 PY
 )

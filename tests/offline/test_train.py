@@ -163,9 +163,10 @@ def test_train_learns_and_writes_outputs(tmp_path):
     assert resident == sorted(resident, reverse=True) and resident[0] > resident[-1]
     assert chunk_resident == sorted(chunk_resident, reverse=True)
     (at_cfg,) = [t for t in sweep if t["threshold"] == 0.5]
-    assert {k: v for k, v in at_cfg.items() if k != "threshold"} == {
-        k: saved["final"]["overall"][k] for k in at_cfg if k != "threshold"
-    }
+    keys = [k for k in at_cfg if k not in ("threshold", "buckets")]
+    assert {k: at_cfg[k] for k in keys} == {k: saved["final"]["overall"][k] for k in keys}
+    for name, bucket in at_cfg["buckets"].items():  # per bucket, the same numbers
+        assert bucket == {k: saved["final"]["buckets"][name][k] for k in bucket}
     assert not [p for p in res.checkpoint.parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -222,8 +223,11 @@ def test_evaluate_counts_by_hand():
     assert [t["threshold"] for t in sweep] == [0.0, 0.3, 0.5]
     for t in sweep:
         one = evaluate_indexer(model, [doc], t["threshold"], entries_per_chunk=4)
-        assert t == {"threshold": t["threshold"], **{k: one.overall[k] for k in t
-                                                       if k != "threshold"}}
+        keys = [k for k in t if k not in ("threshold", "buckets")]
+        assert {k: t[k] for k in keys} == {k: one.overall[k] for k in keys}
+        assert t["buckets"] == {
+            name: {k: b[k] for k in t["buckets"][name]} for name, b in one.buckets.items()
+        }
 
 
 def test_buckets():
@@ -261,6 +265,7 @@ def test_train_on_harvests_of_two_lengths(tmp_path):
     # each harvest is split on its own, so both lengths are held out and evaluated
     assert len(res.val_documents) == 2 and len(res.train_documents) == 6
     assert set(res.final["buckets"]) == {"0-1K", "1K-2K"}
+    assert all(set(t["buckets"]) == {"0-1K", "1K-2K"} for t in res.threshold_sweep)
     for bucket in res.final["buckets"].values():
         assert bucket["windows"] > 0 and bucket["recall"] > 0.5
     saved = json.loads(res.metrics_path.read_text())
@@ -319,7 +324,20 @@ def test_cli(tmp_path, capsys):
     assert rc == 0
     assert "recall" in out and "0-1K" in out and "threshold 0.5" in out
     assert "threshold sweep" in out and "chunk resident" in out
+    assert "per context bucket" not in out  # one bucket: the overall table says it all
     assert (tmp_path / "o" / "indexer" / "config.json").is_file()
+
+
+def test_cli_prints_the_sweep_per_bucket_for_several_lengths(tmp_path, capsys):
+    make_harvest(tmp_path / "a", n_docs=2, n_tokens=320)
+    make_harvest(tmp_path / "b", n_docs=2, n_tokens=1536, prompt_tokens=1100)
+    rc = cli_main(["train", str(tmp_path / "a"), str(tmp_path / "b"), "--out-dir",
+                   str(tmp_path / "o"), "--epochs", "1", "--init", "random", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = out.split("per context bucket (held-out):")[1].splitlines()
+    assert table[1].split() == ["threshold", "0-1K", "1K-2K"]
+    assert len(table) >= 1 + 1 + 12 and "@" in table[2]
 
 
 def test_rope_geometry_from_model_config(tmp_path):

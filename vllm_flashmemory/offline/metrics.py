@@ -164,11 +164,19 @@ def threshold_sweep(
     routing: str = "or",
     entries_per_chunk: int = 64,
 ) -> list[dict[str, float | None]]:
-    """Overall recall and resident fractions per threshold, ascending thresholds."""
+    """Recall and resident fractions per threshold (ascending), overall and under
+    "buckets" per context-length bucket: a threshold that meets a footprint target at
+    4K need not at 16K, where more entries can fire."""
     ordered = sorted(set(thresholds))
     results = evaluate_thresholds(model, documents, ordered, routing, entries_per_chunk)
     return [
-        {"threshold": r.threshold, **{k: r.overall[k] for k in SWEEP_KEYS}}
+        {
+            "threshold": r.threshold,
+            **{k: r.overall[k] for k in SWEEP_KEYS},
+            "buckets": {
+                name: {k: b[k] for k in SWEEP_KEYS} for name, b in r.buckets.items()
+            },
+        }
         for r in results
     ]
 

@@ -603,8 +603,25 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         print(f"{t['threshold']:>9} {r:>7} {f:>8} {cr:>12} {cf:>14}")
+    buckets = sorted({b for t in res.threshold_sweep for b in t["buckets"]}, key=_bucket_order)
+    if len(buckets) > 1:
+        print("recall @ chunk resident fraction per context bucket (held-out):")
+        print(f"{'threshold':>9} " + " ".join(f"{b:>15}" for b in buckets))
+        for t in res.threshold_sweep:
+            cells = [
+                f"{_fmt(t['buckets'][b]['recall'])} @ {_fmt(t['buckets'][b]['chunk_resident_fraction'])}"
+                if b in t["buckets"] else "n/a"
+                for b in buckets
+            ]
+            print(f"{t['threshold']:>9} " + " ".join(f"{c:>15}" for c in cells))
     print(f"metrics {res.metrics_path}, plot {res.plot_path}")
     return 0
+
+
+def _bucket_order(name: str) -> float:
+    """'0-1K' < '1K-2K' < ... by the bucket's lower edge."""
+    lo = name.split("-")[0]
+    return 0.0 if lo == "0" else float(lo.rstrip("K"))
 
 
 def _fmt(x: float | None) -> str:
