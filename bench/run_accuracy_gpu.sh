@@ -69,13 +69,11 @@ fi
 if [ -z "${THRESHOLD:-}" ]; then
   THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'
 import json, sys
+from vllm_flashmemory.offline.metrics import bucket_sort_key
 sweep = json.load(open(sys.argv[1]))["threshold_sweep"]
-def lower_edge(name):  # '16K-32K' -> 16
-    lo = name.split("-")[0]
-    return 0.0 if lo == "0" else float(lo.rstrip("K"))
 def resident(row):  # the longest context bucket held out, else overall
     buckets = row.get("buckets") or {}
-    b = buckets[max(buckets, key=lower_edge)] if buckets else row
+    b = buckets[max(buckets, key=bucket_sort_key)] if buckets else row
     return b["chunk_resident_fraction"] or 1.0
 ok = [r["threshold"] for r in sweep if resident(r) <= float(sys.argv[2])]
 print(min(ok) if ok else max(r["threshold"] for r in sweep))

@@ -51,6 +51,7 @@ from vllm_flashmemory.offline.dataset import (
 from vllm_flashmemory.offline.metrics import (
     SWEEP_THRESHOLDS,
     bucket_name,
+    bucket_sort_key,
     evaluate_indexer,
     threshold_sweep,
 )
@@ -239,6 +240,8 @@ def test_buckets():
         "4K-8K",
         "64K-128K",
     ]
+    names = ["16K-32K", "0-1K", "64K-128K", "2K-4K", "1K-2K"]
+    assert sorted(names, key=bucket_sort_key) == ["0-1K", "1K-2K", "2K-4K", "16K-32K", "64K-128K"]
 
 
 def test_refusals(tmp_path):

@@ -81,6 +81,12 @@ def bucket_name(context_tokens: int) -> str:
     return f"{_k(lo)}-{_k(2 * lo)}"
 
 
+def bucket_sort_key(name: str) -> float:
+    """Lower edge in K of a bucket_name: '0-1K' -> 0, '16K-32K' -> 16, for ordering."""
+    lo = name.split("-")[0]
+    return 0.0 if lo == "0" else float(lo.rstrip("K"))
+
+
 # Denser above 0.5: a ReLU-gated Eq. 4 puts every score with no active head at exactly
 # 0.5, so trained scores crowd just above it (the committed backbone's indexer: 0.5-0.7).
 SWEEP_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)

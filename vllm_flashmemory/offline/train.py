@@ -53,6 +53,7 @@ from vllm_flashmemory.offline.dataset import (
 )
 from vllm_flashmemory.offline.metrics import (
     SWEEP_THRESHOLDS,
+    bucket_sort_key,
     evaluate_indexer,
     plot_history,
     threshold_sweep,
@@ -603,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         print(f"{t['threshold']:>9} {r:>7} {f:>8} {cr:>12} {cf:>14}")
-    buckets = sorted({b for t in res.threshold_sweep for b in t["buckets"]}, key=_bucket_order)
+    buckets = sorted({b for t in res.threshold_sweep for b in t["buckets"]}, key=bucket_sort_key)
     if len(buckets) > 1:
         print("recall @ chunk resident fraction per context bucket (held-out):")
         print(f"{'threshold':>9} " + " ".join(f"{b:>15}" for b in buckets))
@@ -616,12 +617,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{t['threshold']:>9} " + " ".join(f"{c:>15}" for c in cells))
     print(f"metrics {res.metrics_path}, plot {res.plot_path}")
     return 0
-
-
-def _bucket_order(name: str) -> float:
-    """'0-1K' < '1K-2K' < ... by the bucket's lower edge."""
-    lo = name.split("-")[0]
-    return 0.0 if lo == "0" else float(lo.rstrip("K"))
 
 
 def _fmt(x: float | None) -> str:
