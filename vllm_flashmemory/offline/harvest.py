@@ -91,7 +91,7 @@ class HarvestConfig:
 
     def chunk_tokens(self, n_tokens: int, index_heads: int) -> int:
         n_entries = max(1, n_tokens // COMPRESS_RATIO)
-        bound = _SCORER_ELEMENTS[self.device.split(":")[0]]
+        bound = _SCORER_ELEMENTS[self.device]  # "cpu" or "cuda", checked above
         return max(16, min(self.max_chunk_tokens, bound // (index_heads * n_entries)))
 
 
