@@ -81,10 +81,10 @@ def bucket_name(context_tokens: int) -> str:
     return f"{_k(lo)}-{_k(2 * lo)}"
 
 
-def bucket_sort_key(name: str) -> float:
+def bucket_sort_key(name: str) -> int:
     """Lower edge in K of a bucket_name: '0-1K' -> 0, '16K-32K' -> 16, for ordering."""
     lo = name.split("-")[0]
-    return 0.0 if lo == "0" else float(lo.rstrip("K"))
+    return 0 if lo == "0" else int(lo[:-1])
 
 
 # Denser above 0.5: a ReLU-gated Eq. 4 puts every score with no active head at exactly
@@ -150,7 +150,7 @@ def evaluate_thresholds(
         model.train(was_training)
     results = []
     for threshold, total, per_bucket in zip(thresholds, overall, buckets):
-        ordered = sorted(per_bucket.items(), key=lambda kv: _bucket_lo(kv[0]))
+        ordered = sorted(per_bucket.items(), key=lambda kv: bucket_sort_key(kv[0]))
         results.append(
             EvalResult(
                 threshold=threshold,
@@ -259,16 +259,12 @@ def _k(tokens: int) -> str:
     return f"{tokens // 1024}K"
 
 
-def _bucket_lo(name: str) -> int:
-    lo = name.split("-")[0]
-    return 0 if lo == "0" else int(lo[:-1])
-
-
 __all__ = [
     "SWEEP_THRESHOLDS",
     "Counts",
     "EvalResult",
     "bucket_name",
+    "bucket_sort_key",
     "evaluate_indexer",
     "evaluate_thresholds",
     "plot_history",
