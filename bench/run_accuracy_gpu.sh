@@ -9,6 +9,8 @@
 #   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
 #   bucket is <= RESIDENT_TARGET.
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
+#   EVAL_ARGS="--local-window-tokens 1024 --chunk-tokens 32" fixes the window and chunk
+#   in tokens at every length (the paper's protocol divided by 8; docs/RESULTS.md).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
@@ -84,5 +86,5 @@ echo "threshold $THRESHOLD"
 LEFT=$(( DEADLINE_S - ($(date +%s) - T0) ))
 timeout "$LEFT" $CLI eval --model "$BB" --indexer "$INDEXER" --tasks "$TASKS" \
   --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --threshold "$THRESHOLD" \
-  --prefill-chunk-tokens 512 --workers "$WORKERS" --json "$OUT/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
+  --prefill-chunk-tokens 512 ${EVAL_ARGS:-} --workers "$WORKERS" --json "$OUT/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
 echo "eval exit ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s"

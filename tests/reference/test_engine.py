@@ -11,6 +11,8 @@ Scenarios:
 - footprints equal request_footprint's of the always-resident set (recency).
 - random keeps round(10%) of the historical chunks, oracle the top-mass ones,
   quest at most its budget per layer; lsa's selection moves chunks both ways.
+- top-K lsa (`lsa<pct>`) keeps exactly oracle<pct>'s count, the chunks whose best
+  entry the Memory Indexer scores highest; at 100% it gives full's tokens.
 - the first window `harvest --prompt-tokens P-1` + `label` make is the end-of-prefill
   refresh: same hidden states, query position and visible entries.
 """
@@ -224,6 +226,48 @@ def test_lsa_selection_drives_pool_moves(engine, prefilled):
     first_selected = r.historical_chunks - r.evicted_chunks + r.fetched_chunks
     assert 0 <= first_selected <= r.historical_chunks
     assert 0 < r.resident_chunk_ratio <= 1
+
+
+def test_top_k_lsa_keeps_the_highest_scored_chunks(engine, prefilled, monkeypatch):
+    """lsa25 keeps round(25% of 11) = 3 historical chunks at every forward: those
+    whose best entry scores highest, refreshed with the scores of each refresh."""
+    from vllm_flashmemory.core.residency_planner import ResidencyPlanner
+
+    plans = []
+    real_refresh = ResidencyPlanner.refresh
+
+    def spy(self, req_id, chunk_scores=None, **kw):
+        plan = real_refresh(self, req_id, chunk_scores, **kw)
+        plans.append(plan)
+        return plan
+
+    calls = []
+
+    def scores(planner, cache):  # entry e of chunk c scores (c * 7) % 11, one entry only
+        calls.append(1)
+        written = planner.num_tokens("req") // 4
+        out = torch.zeros(written)
+        for c in range(written // 4):
+            out[4 * c + 1] = ((c * 7) % 11) / 11 + 0.01
+        return out
+
+    monkeypatch.setattr(ResidencyPlanner, "refresh", spy)
+    monkeypatch.setattr(engine, "_lsa_entry_scores", scores)
+    r = engine.generate(prefilled, MethodSpec(Method.LSA, 0.25))
+    assert calls and r.mean_selected_chunks == 3 == round(0.25 * r.historical_chunks)
+    historical = range(1, 12)  # sink chunk 0, local chunks 12..15
+    want = sorted(sorted(historical, key=lambda c: -((c * 7) % 11))[:3])
+    assert list(plans[0].selected_chunks) == want
+    assert sorted(plans[0].evict_chunks) == sorted(set(historical) - set(want))
+    assert r.label == "lsa25" and r.evicted_chunks == 8 and r.fetched_chunks == 0
+
+
+def test_top_k_lsa_at_100_percent_matches_full(model, indexer, prompt, baseline):
+    with _engine(model, indexer) as eng:
+        pf = eng.prefill(prompt)
+        r = eng.generate(pf, MethodSpec(Method.LSA, 1.0))
+    assert r.tokens == baseline
+    assert r.resident_chunk_ratio == 1.0 and r.evicted_chunks == 0
 
 
 def test_engine_rejects_bad_inputs(model, indexer, prefilled):

@@ -165,6 +165,26 @@ def test_grid_rows_table_plot_and_resume(tmp_path, stub_tasks, factory):
     assert sorted(r["method"] for r in rows3).count("random") == 2
 
 
+def test_fixed_window_rows_and_resume_guard(tmp_path, stub_tasks, factory):
+    """--local-window-tokens/--chunk-tokens hold at every length; lsa<pct> keeps
+    oracle<pct>'s count; a file made under one window refuses another."""
+    cfg = _cfg(tmp_path, methods="full,lsa50,oracle50", local_window_tokens=32,
+               chunk_tokens=8)
+    tok = _ByteTokenizer()
+    rows = evaluate.run_eval(cfg, engine_factory=factory, tokenizer=tok, print_fn=lambda s: None)
+    assert {(r["local_window_tokens"], r["chunk_tokens"]) for r in rows} == {(32, 8)}
+    by = {(r["context_tokens"], r["method"]): r for r in rows}
+    for ctx in (128, 256):
+        assert by[(ctx, "lsa50")]["resident_chunk_ratio"] == pytest.approx(
+            by[(ctx, "oracle50")]["resident_chunk_ratio"])
+        assert by[(ctx, "lsa50")]["resident_chunk_ratio"] < 1.0
+    with pytest.raises(ValueError, match="local window 32 and chunk 8 tokens"):
+        evaluate.run_eval(_cfg(tmp_path, methods="full,lsa50,oracle50,recency"),
+                          engine_factory=factory, tokenizer=tok, print_fn=lambda s: None)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        _cfg(tmp_path, chunk_tokens=6)
+
+
 def test_foreign_json_is_refused(tmp_path, stub_tasks, factory):
     (tmp_path / "eval.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not a `flashmemory eval` results file"):
@@ -269,8 +289,8 @@ def test_cells_restrict_run_eval(tmp_path, stub_tasks, factory):
 
 
 def test_worker_command_keeps_the_settings(tmp_path):
-    cfg = _cfg(tmp_path, methods="full,oracle,random", threshold=0.25, workers=3,
-               model="m", task_file="f.jsonl")
+    cfg = _cfg(tmp_path, methods="full,oracle,random,lsa5", threshold=0.25, workers=3,
+               model="m", task_file="f.jsonl", local_window_tokens=1024, chunk_tokens=32)
     cmd = evaluate.worker_command(cfg, [("niah_single_1", 256)], "s.json")
     assert cmd[:4] == [sys.executable, "-m", "vllm_flashmemory.cli", "eval"]
     parser = argparse.ArgumentParser()
@@ -282,6 +302,7 @@ def test_worker_command_keeps_the_settings(tmp_path):
     assert (args.json, args.workers, args.no_progress, args.plot) == ("s.json", 1, True, None)
     assert (args.threshold, args.tau, args.n, args.model, args.indexer, args.task_file) == (
         0.25, 4, 1, "m", None, "f.jsonl")
+    assert (args.local_window_tokens, args.chunk_tokens) == (1024, 32)
     assert args.cuda_memory_fraction is None  # a CPU grid caps nothing
 
 

@@ -538,6 +538,17 @@ def _check_state(model: MemoryIndexer, state: dict[str, torch.Tensor], p: Path) 
 # ---- selection (Eq. 5, 13) and chunk mapping -----------------------------------------
 
 
+def combine_layers(scores: torch.Tensor, routing: str = "or") -> torch.Tensor:
+    """One score per entry from every layer's (Eq. 13): [L, T, N] -> [T, N].
+
+    "or" takes the max over layers (an entry passes a threshold when any layer's
+    score does), "mean" the layer mean. Top-K selection ranks these scores.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected [L, T, N].")
+    return combine_layers_ref(scores, routing)
+
+
 def select(
     scores: torch.Tensor, threshold: float = 0.5, routing: str = "or"
 ) -> torch.Tensor:
@@ -556,7 +567,7 @@ def select(
         raise ValueError(
             f"threshold={threshold!r} must lie in [0, 1]; use 0.5 (the paper's value)."
         )
-    return combine_layers_ref(scores, routing) >= threshold  # [T, N]
+    return combine_layers(scores, routing) >= threshold  # [T, N]
 
 
 def entries_to_chunks(entry_mask: torch.Tensor, entries_per_chunk: int) -> torch.Tensor:
@@ -589,6 +600,7 @@ __all__ = [
     "MemoryIndexer",
     "MemoryIndexerConfig",
     "apply_rope",
+    "combine_layers",
     "entries_to_chunks",
     "hadamard_matrix",
     "native_indexer_state",

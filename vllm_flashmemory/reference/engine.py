@@ -45,8 +45,12 @@ from vllm_flashmemory.core.footprint import (
     request_footprint,
 )
 from vllm_flashmemory.core.hot_pool import HotPool, HotPoolConfig
-from vllm_flashmemory.core.memory_indexer import MemoryIndexer, select
-from vllm_flashmemory.core.residency_planner import RefreshPlan, ResidencyPlanner
+from vllm_flashmemory.core.memory_indexer import MemoryIndexer, combine_layers, select
+from vllm_flashmemory.core.residency_planner import (
+    RefreshPlan,
+    ResidencyPlanner,
+    chunk_scores_from_entries,
+)
 from vllm_flashmemory.core.rotation import hadamard_matrix, hadamard_rotate
 from vllm_flashmemory.reference.cache import LSACache, csa_layer_ids
 from vllm_flashmemory.reference.hooks import QuestState, ResidencyHooks
@@ -59,6 +63,10 @@ _GIB = 1 << 30
 # Threshold of the fixed-selection methods (random, oracle, recency), whose chunk
 # scores are 1.0 (keep) or 0.0 (drop): any value in (0, 1] separates them.
 _FIXED_THRESHOLD = 0.5
+# Threshold of top-K lsa (`lsa<pct>`): every chunk the Memory Indexer scores above
+# zero is a candidate and the planner's cap (max_selected_chunks) keeps the K best;
+# 0 itself would mean "keep everything, no cap".
+_TOP_K_THRESHOLD = 1e-30
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,10 @@ class ReferenceEngine:
             )
         t0 = time.perf_counter()
         cache: LSACache = copy.deepcopy(prefill.cache)
-        planner = ResidencyPlanner(self._planner_config(method), self.geometry)
+        planner = ResidencyPlanner(
+            self._planner_config(spec, self._historical_count(prefill.prompt_tokens)),
+            self.geometry,
+        )
         planner.add_request(_REQ, prefill.prompt_tokens)
         historical = planner.historical_chunks(_REQ)
         cold, hot = self._pools(cache, planner.total_chunks(_REQ), len(historical))
@@ -299,7 +310,8 @@ class ReferenceEngine:
             st.active = True
             st.quest = None
             counts = _Counts()
-            self._refresh(planner, cache, cold, hot, method, fixed, counts)
+            top_k = spec.top_k
+            self._refresh(planner, cache, cold, hot, method, fixed, counts, top_k)
             tokens = [prefill.first_token]
             footprints: list[Footprint] = []
             selected: list[int] = []
@@ -318,7 +330,7 @@ class ReferenceEngine:
                 tokens.append(int(ids))
                 planner.append_tokens(_REQ, 1)
                 if planner.needs_refresh(_REQ):
-                    self._refresh(planner, cache, cold, hot, method, fixed, counts)
+                    self._refresh(planner, cache, cold, hot, method, fixed, counts, top_k)
             if not footprints:  # answered by the prefill's token alone
                 fp, n_sel = self._footprint(planner, method, None, historical)
                 footprints.append(fp)
@@ -352,18 +364,33 @@ class ReferenceEngine:
 
     # ---- internals --------------------------------------------------------------
 
-    def _planner_config(self, method: Method) -> LSAConfig:
+    def _planner_config(self, spec: MethodSpec, historical: int) -> LSAConfig:
         lsa = self.config.lsa
+        method = spec.method
+        cap = None
         if method in (Method.FULL, Method.QUEST):
             # Everything stays in the cache; quest masks per step inside the forward.
             threshold = 0.0
+        elif spec.top_k:
+            assert spec.fraction is not None
+            threshold = _TOP_K_THRESHOLD
+            cap = _keep_count(spec.fraction, historical)
         elif method is Method.LSA:
             threshold = lsa.threshold
         else:
             threshold = _FIXED_THRESHOLD
         return lsa.replace(
-            threshold=threshold, max_selected_chunks=None, fallback_selected_fraction=1.0
+            threshold=threshold, max_selected_chunks=cap, fallback_selected_fraction=1.0
         )
+
+    def _historical_count(self, prompt_tokens: int) -> int:
+        """Historical chunks of a prompt, as the planner will count them."""
+        probe = ResidencyPlanner(self.config.lsa, self.geometry)
+        probe.add_request(_REQ, prompt_tokens)
+        try:
+            return len(probe.historical_chunks(_REQ))
+        finally:
+            probe.finish(_REQ)
 
     def _pools(
         self, cache: LSACache, total_chunks: int, historical: int
@@ -395,7 +422,7 @@ class ReferenceEngine:
         if not historical or method is Method.RECENCY:
             return scores
         assert spec.fraction is not None
-        keep = max(1, round(spec.fraction * len(historical)))
+        keep = _keep_count(spec.fraction, len(historical))
         if method is Method.RANDOM:
             gen = torch.Generator().manual_seed(self.config.seed)
             order = torch.randperm(len(historical), generator=gen)[:keep]
@@ -417,12 +444,20 @@ class ReferenceEngine:
         method: Method,
         fixed: torch.Tensor | None,
         counts: _Counts,
+        top_k: bool = False,
     ) -> None:
         if fixed is not None:
             n = planner.total_chunks(_REQ)
             scores = torch.zeros(n)
             scores[: min(n, fixed.numel())] = fixed[:n]
             plan = planner.refresh(_REQ, scores)
+        elif method is Method.LSA and top_k and planner.needs_scores(_REQ):
+            entry_scores = self._lsa_entry_scores(planner, cache).float().cpu()  # [T]
+            chunk_scores = chunk_scores_from_entries(
+                entry_scores, planner.config.entries_per_chunk,
+                planner.total_chunks(_REQ),
+            )  # [n_chunks]
+            plan = planner.refresh(_REQ, chunk_scores)
         elif method is Method.LSA and planner.needs_scores(_REQ):
             plan = planner.refresh(_REQ, entry_mask=self._lsa_entry_mask(planner, cache))
         else:
@@ -434,6 +469,15 @@ class ReferenceEngine:
 
     def _lsa_entry_mask(self, planner: ResidencyPlanner, cache: LSACache) -> torch.Tensor:
         """Memory Indexer selection over every written entry, Eq. 4, 5, 13: bool [T]."""
+        lsa = self.config.lsa
+        return select(self._indexer_scores(planner, cache), lsa.threshold, lsa.routing)[0]
+
+    def _lsa_entry_scores(self, planner: ResidencyPlanner, cache: LSACache) -> torch.Tensor:
+        """Memory Indexer score of every written entry, layers combined (Eq. 4, 13): [T]."""
+        return combine_layers(self._indexer_scores(planner, cache), self.config.lsa.routing)[0]
+
+    def _indexer_scores(self, planner: ResidencyPlanner, cache: LSACache) -> torch.Tensor:
+        """Eq. 4 per indexer layer at the last processed token: [L, 1, T]."""
         assert self.indexer is not None
         lsa = self.config.lsa
         st = self.hooks.state
@@ -451,8 +495,7 @@ class ReferenceEngine:
         else:  # hadamard_rotate's matrix is a host tensor: the same product here
             keys = keys.float() @ hadamard_matrix(keys.shape[-1]).to(keys.device)
         pos = torch.tensor([n_tokens - 1], device=h.device)  # the last processed token
-        scores = self.indexer(h, pos, keys)  # [L, 1, T]
-        return select(scores, lsa.threshold, lsa.routing)[0]  # [T]
+        return self.indexer(h, pos, keys)  # [L, 1, T]
 
     @staticmethod
     def _execute(
@@ -537,6 +580,11 @@ class _Counts:
     refreshes: int = 0
     fetched: int = 0
     evicted: int = 0
+
+
+def _keep_count(fraction: float, historical: int) -> int:
+    """Chunks a fixed-share method keeps: the same K for random, oracle and top-K lsa."""
+    return max(1, round(fraction * historical))
 
 
 def _chunk_sums(entry_values: torch.Tensor, entries_per_chunk: int) -> list[float]:

@@ -13,7 +13,10 @@ footprint definition (core/footprint.py).
 CPU default (no autocast; torch's default fp32 matmul precision), so `full` and `lsa` at threshold 0 stay equal to
 the unmodified model's greedy tokens on that device; the cold pool stays in host
 memory. The local window and the chunk scale with the context in the paper's proportions
-(methods.scaled_window) and are printed with every cell. Results are written
+(methods.scaled_window), or stay fixed in tokens at every length with
+--local-window-tokens / --chunk-tokens (the paper's own protocol: 8K and 256 from 46K to
+512K); they are printed with every cell and a results file never mixes two settings.
+`lsa<pct>` (e.g. lsa10) is LSA by top-K at oracle<pct>'s footprint. Results are written
 atomically after every cell; a rerun with the same --json skips completed cells.
 
 `--workers N` runs the missing cells in N `flashmemory eval` subprocesses on the same
@@ -82,6 +85,10 @@ class EvalConfig:
     tau: int = 64
     # Memory Indexer threshold (Eq. 5; the paper's 0.5).
     threshold: float = 0.5
+    # Always-resident prompt tail and residency unit in tokens, the same at every
+    # length; None = scaled with the context (methods.scaled_window).
+    local_window_tokens: int | None = None
+    chunk_tokens: int | None = None
     # Cap on generated tokens; each sample gets its answer's length + 8 below it.
     max_new_tokens: int = 48
     prefill_chunk_tokens: int = 1024
@@ -117,6 +124,19 @@ class EvalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a positive integer.")
+        for flag, value in (("--local-window-tokens", self.local_window_tokens),
+                            ("--chunk-tokens", self.chunk_tokens)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(f"{flag} {value!r} must be a non-negative integer.")
+        if self.chunk_tokens is not None and (
+            self.chunk_tokens < 4 or self.chunk_tokens % 4
+        ):
+            raise ValueError(
+                f"--chunk-tokens {self.chunk_tokens} must be a positive multiple of 4 "
+                "(a chunk holds whole compressed entries of 4 tokens); e.g. 32."
+            )
         if self.cells is not None:
             object.__setattr__(self, "cells", tuple((str(t), int(n)) for t, n in self.cells))
             for t, n in self.cells:
@@ -284,6 +304,7 @@ def run_eval(
     rows = read_rows(cfg.json_path)
     done = {cell_key(r) for r in rows}
     _check_tasks(cfg)
+    check_window_rows(cfg, rows)
     todo = _missing_cells(cfg, rows)
     if not todo:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
@@ -299,7 +320,7 @@ def run_eval(
         return len(tokenizer(text).input_ids)
 
     for task, length in tqdm(todo, desc="eval cells", disable=not cfg.progress):
-        window = scaled_window(length)
+        window = cell_window(cfg, length)
         print_fn(f"[{task} @ {length}] {window.describe()}, tau {cfg.tau}")
         lsa = LSAConfig(
             tau=cfg.tau,
@@ -334,6 +355,29 @@ def run_eval(
         if close is not None:
             close()
     return rows
+
+
+def cell_window(cfg: EvalConfig, length: int):
+    """The local window and chunk of every method at `length` under cfg."""
+    return scaled_window(length, cfg.local_window_tokens, cfg.chunk_tokens)
+
+
+def check_window_rows(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> None:
+    """Refuse to resume a results file whose rows used another window or chunk: a
+    table must never mix footprints measured under two settings."""
+    for r in rows:
+        length = int(r["context_tokens"])
+        if length not in cfg.lengths or "chunk_tokens" not in r:
+            continue
+        want = cell_window(cfg, length)
+        have = (r["local_window_tokens"], r["chunk_tokens"])
+        if have != (want.local_window_tokens, want.chunk_tokens):
+            raise ValueError(
+                f"--json {cfg.json_path!r} holds {r['method']} rows at {length} tokens "
+                f"with local window {have[0]} and chunk {have[1]} tokens, but this run "
+                f"uses {want.local_window_tokens} and {want.chunk_tokens}; write to "
+                "another --json, or pass the file's --local-window-tokens/--chunk-tokens."
+            )
 
 
 def _check_tasks(cfg: EvalConfig) -> None:
@@ -419,6 +463,10 @@ def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
         "--device", cfg.device, "--no-progress",
     ]
+    for flag, number in (("--local-window-tokens", cfg.local_window_tokens),
+                         ("--chunk-tokens", cfg.chunk_tokens)):
+        if number is not None:
+            cmd += [flag, str(number)]
     if cfg.device == "cuda":
         cmd += ["--cuda-memory-fraction", f"{0.9 / cfg.workers:.4f}"]
     for flag, value in (("--model", cfg.model), ("--indexer", cfg.indexer),
@@ -435,6 +483,7 @@ def run_workers(
     merged rows and one report per failed worker (its exit code and log tail)."""
     _check_tasks(cfg)
     rows = merge_shards(cfg.json_path)  # shards a killed run left behind
+    check_window_rows(cfg, rows)
     groups = plan_cells(cfg, rows)
     if not groups:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
@@ -470,7 +519,7 @@ def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConf
     for spec in specs:
         if spec.method is Method.FULL:
             result = full
-        elif spec.method is Method.LSA:
+        elif spec.method is Method.LSA and not spec.top_k:
             result = lsa
         elif spec.method is Method.ORACLE:
             result = engine.generate(prefill, spec, max_new_tokens=limit,
@@ -616,8 +665,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="8k,16k,32k",
                         help="comma-separated context lengths, e.g. 8k,16k,32k (default: %(default)s)")
     parser.add_argument("--methods", default="full,lsa,recency,random,oracle,quest",
-                        help="comma-separated methods; oracle = oracle10,oracle25,oracle50 "
-                        "(default: %(default)s)")
+                        help="comma-separated methods; oracle = oracle10,oracle25,oracle50; "
+                        "lsa<pct> (e.g. lsa10) = LSA by top-K at pct%% of the historical "
+                        "chunks (default: %(default)s)")
     parser.add_argument("--json", required=True, help="results file; rerun to resume")
     parser.add_argument("--plot", help="accuracy-vs-footprint PNG to write")
     parser.add_argument("--model", help="backbone folder (default: the committed backbone, "
@@ -633,6 +683,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LSA refresh interval in decode steps (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=_D["threshold"].default,
                         help="Memory Indexer threshold, Eq. 5 (default: %(default)s)")
+    parser.add_argument("--local-window-tokens", type=int,
+                        help="always-resident prompt tail in tokens at every length "
+                        "(default: 1/8 of the context, the paper's 8K of 64K)")
+    parser.add_argument("--chunk-tokens", type=int,
+                        help="residency unit in tokens at every length, a multiple of 4 "
+                        "(default: 1/256 of the context, the paper's 256 of 64K)")
     parser.add_argument("--max-new-tokens", type=int, default=_D["max_new_tokens"].default,
                         help="cap on generated tokens (default: %(default)s)")
     parser.add_argument("--prefill-chunk-tokens", type=int,
@@ -664,6 +720,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         tau=args.tau,
         threshold=args.threshold,
+        local_window_tokens=args.local_window_tokens,
+        chunk_tokens=args.chunk_tokens,
         max_new_tokens=args.max_new_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         progress=not args.no_progress,

@@ -8,6 +8,11 @@ CSA chunks (complete prompt chunks outside that set) are resident:
 - `full`: all of them (the unmodified model);
 - `lsa`: the Memory Indexer's selection (Eq. 4, 5, 13), refreshed at the end of
   prefill and every `tau` decode steps;
+- `lsa<pct>` (e.g. `lsa10`): the same refreshes, but by top-K (DESIGN.md "Selection
+  by threshold or top-K"): the `pct`% of historical chunks with the highest Memory
+  Indexer score (an entry's cross-layer max, a chunk's max over its entries). It
+  keeps oracle<pct>'s footprint exactly, so the two rows compare the indexer's
+  ranking with the backbone's own;
 - `recency`: none;
 - `random`: a seeded random `random_fraction` of them, fixed for the request;
 - `oracle`: the top `oracle_fraction` by the backbone's own attention mass over its
@@ -44,7 +49,8 @@ class MethodSpec:
     """One generation method with its parameter; `label` names it in tables."""
 
     method: Method
-    # Fraction of historical chunks kept by `random` / `oracle`; None otherwise.
+    # Fraction of historical chunks kept by `random` / `oracle` / top-K `lsa`; None
+    # otherwise (plain `lsa` selects by threshold).
     fraction: float | None = None
     # Historical chunks `quest` may pick per step and layer; None = match `lsa`
     # (the engine's caller resolves it per sample before generating).
@@ -57,19 +63,20 @@ class MethodSpec:
                 "with parse_methods()."
             )
         needs_fraction = self.method in (Method.RANDOM, Method.ORACLE)
-        if needs_fraction:
+        if needs_fraction or (self.method is Method.LSA and self.fraction is not None):
             f = self.fraction
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not (
                 0.0 < f <= 1.0
             ):
                 raise ValueError(
                     f"MethodSpec({self.method.value}).fraction={f!r} must lie in "
-                    "(0, 1]; use 0.1 for random, 0.1/0.25/0.5 for oracle."
+                    "(0, 1]; use 0.1 for random, 0.1/0.25/0.5 for oracle, "
+                    "e.g. 0.1 for top-K lsa."
                 )
         elif self.fraction is not None:
             raise ValueError(
                 f"MethodSpec({self.method.value}).fraction={self.fraction!r} is only "
-                "meaningful for random and oracle; leave it None."
+                "meaningful for random, oracle and top-K lsa; leave it None."
             )
         if self.quest_budget_chunks is not None:
             b = self.quest_budget_chunks
@@ -84,27 +91,37 @@ class MethodSpec:
                 )
 
     @property
+    def top_k(self) -> bool:
+        """True for `lsa<pct>`: the Memory Indexer picks a fixed share by rank."""
+        return self.method is Method.LSA and self.fraction is not None
+
+    @property
     def label(self) -> str:
-        if self.method is Method.ORACLE:
+        if self.method is Method.ORACLE or self.top_k:
             assert self.fraction is not None
-            return f"oracle{round(self.fraction * 100)}"
+            return f"{self.method.value}{round(self.fraction * 100)}"
         return self.method.value
 
 
 def parse_methods(text: str) -> tuple[MethodSpec, ...]:
-    """`full,lsa,oracle,oracle25` -> specs; bare `oracle` expands to 10/25/50%."""
+    """`full,lsa,lsa10,oracle,oracle25` -> specs; bare `oracle` expands to 10/25/50%,
+    `lsa<pct>` is top-K lsa at pct% of the historical chunks."""
     specs: list[MethodSpec] = []
     for raw in (t.strip() for t in text.split(",")):
         if not raw:
             continue
-        if raw.startswith("oracle") and raw != "oracle":
-            pct = raw[len("oracle") :]
+        prefix = next((m for m in (Method.ORACLE, Method.LSA)
+                       if raw.startswith(m.value) and raw != m.value), None)
+        if prefix is not None:
+            pct = raw[len(prefix.value) :]
             if not pct.isdigit() or not 0 < int(pct) <= 100:
                 raise ValueError(
-                    f"method {raw!r}: write oracle<percent> with a percent in "
-                    "1..100 (e.g. oracle25), or plain 'oracle' for 10, 25 and 50."
+                    f"method {raw!r}: write {prefix.value}<percent> with a percent "
+                    f"in 1..100 (e.g. {prefix.value}10), or plain '{prefix.value}' "
+                    + ("for 10, 25 and 50." if prefix is Method.ORACLE
+                       else "to select by threshold.")
                 )
-            specs.append(MethodSpec(Method.ORACLE, int(pct) / 100))
+            specs.append(MethodSpec(prefix, int(pct) / 100))
             continue
         try:
             method = Method(raw)
@@ -112,7 +129,7 @@ def parse_methods(text: str) -> tuple[MethodSpec, ...]:
             names = ", ".join(m.value for m in Method)
             raise ValueError(
                 f"unknown method {raw!r}; use a comma-separated list of {names} "
-                "(oracle accepts a percent suffix, e.g. oracle25)."
+                "(oracle and lsa accept a percent suffix, e.g. oracle25, lsa10)."
             ) from None
         if method is Method.ORACLE:
             specs.extend(MethodSpec(method, f) for f in ORACLE_FRACTIONS)
@@ -155,13 +172,30 @@ PAPER_CHUNK_TOKENS = 256
 MIN_CHUNK_TOKENS = 16
 
 
-def scaled_window(context_tokens: int) -> ScaledWindow:
-    """Local window and chunk for `context_tokens`, in the paper's proportions."""
+def scaled_window(
+    context_tokens: int,
+    local_window_tokens: int | None = None,
+    chunk_tokens: int | None = None,
+) -> ScaledWindow:
+    """Local window and chunk for `context_tokens`, in the paper's proportions.
+
+    Either one given is used as is at every length instead: the paper's own protocol
+    keeps a fixed 8K window and 256-token chunk from 46K to 512K tokens, so fixed
+    values divided by the scale-down (1,024 and 32 for 8K-32K standing for 64K-256K)
+    let the always-resident share shrink with the context as it does there.
+    """
     if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or (
         context_tokens < 1
     ):
         raise ValueError(
             f"context_tokens={context_tokens!r} must be a positive integer."
+        )
+    if local_window_tokens is not None or chunk_tokens is not None:
+        auto = scaled_window(context_tokens)
+        return ScaledWindow(
+            context_tokens,
+            auto.local_window_tokens if local_window_tokens is None else local_window_tokens,
+            auto.chunk_tokens if chunk_tokens is None else chunk_tokens,
         )
     if context_tokens >= PAPER_CONTEXT_TOKENS:
         return ScaledWindow(
