@@ -9,6 +9,7 @@
 #   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
 #   bucket is <= RESIDENT_TARGET.
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
+#   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags.
 #   EVAL_ARGS="--local-window-tokens 1024 --chunk-tokens 32" fixes the window and chunk
 #   in tokens at every length (the paper's protocol divided by 8; docs/RESULTS.md).
 set -uo pipefail
@@ -61,7 +62,8 @@ if [ -z "${INDEXER:-}" ]; then
   done
   echo "harvest done at $(( $(date +%s) - T0 )) s"
   $CLI train "${HARVESTS[@]}" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
-    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --device "$DEVICE" --no-progress | tail -20
+    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --device "$DEVICE" ${INDEXER_ARGS:-} \
+    --no-progress | tail -32
   [ -f "$WORK/train/metrics.json" ] || { echo "no Memory Indexer was trained"; exit 1; }
   tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
   INDEXER=$WORK/train/indexer

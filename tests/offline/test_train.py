@@ -6,6 +6,7 @@ Scenarios:
 - sampling: every golden visible entry is a positive, 3 negatives per positive from
   non-golden visible entries only (all of them when fewer), 3 for a window without
   positives, nothing from invisible entries;
+- --negatives-per-positive 0 samples every visible entry, golden ones as positives;
 - window weighting gives every window the same total weight, mean weight 1;
 - training on a learnable synthetic harvest lifts held-out precision from the untrained
   indexer's base rate to > 0.8 with recall > 0.8, keeps the resident fraction near the golden fraction, and
@@ -15,6 +16,11 @@ Scenarios:
 - resuming after 2 of 3 epochs reproduces the uninterrupted 3-epoch run exactly;
 - evaluate_indexer counts by hand on a fixed model; threshold 0 selects everything;
   threshold_sweep sorts and dedupes thresholds and matches evaluate_indexer at each;
+- topk_sweep counts by hand: top ceil(f x visible chunks) by best-entry score, golden
+  chunk recall and golden entry coverage; at 100% both are 1; the trained indexer's
+  coverage at 20% beats an untrained one's;
+- --init-from starts from a checkpoint (its shape wins); --epochs 0 only measures it,
+  reproducing the trained run's held-out numbers;
 - context buckets on power-of-two edges;
 - the indexer's rope geometry comes from the manifest, else from the harvested model's
   config.json (tiny model: YaRN over 4096 original positions);
@@ -54,6 +60,7 @@ from vllm_flashmemory.offline.metrics import (
     bucket_sort_key,
     evaluate_indexer,
     threshold_sweep,
+    topk_sweep,
 )
 from vllm_flashmemory.offline.train import (
     TrainConfig,
@@ -103,6 +110,15 @@ def test_sampling_three_negatives_per_positive():
     assert not bool((neg & golden).any()) and not bool((mask & ~visible).any())
     other, _ = sample_targets(golden, visible, 3, torch.Generator().manual_seed(1))
     assert not torch.equal(mask, other)  # negatives are random, seeded
+
+
+def test_sampling_every_negative():
+    golden = torch.zeros(2, 12, dtype=torch.bool)
+    golden[0, [1, 7]] = True
+    golden[1, 11] = True  # invisible
+    visible = torch.arange(12)[None, :] < torch.tensor([[10], [6]])
+    mask, y = sample_targets(golden, visible, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, visible) and torch.equal(y.bool(), golden & visible)
 
 
 def test_window_weighting():
@@ -231,6 +247,63 @@ def test_evaluate_counts_by_hand():
         }
 
 
+def test_topk_sweep_counts_by_hand():
+    torch.manual_seed(0)
+    cfg = MemoryIndexerConfig(
+        hidden_size=8, rank=4, n_heads=2, head_dim=8, rope_dim=4, layer_ids=(0,)
+    )
+    model = MemoryIndexer(cfg)
+    doc = DocumentWindows(
+        doc_id="d", n_tokens=64, k_icomp=torch.randn(1, 16, 8),
+        hidden=torch.randn(1, 1, 8), positions=torch.tensor([63]),
+        golden=torch.zeros(1, 16, dtype=torch.bool), n_visible=torch.tensor([16]),
+    )
+    doc.golden[0, [0, 1, 2, 9]] = True  # chunk 0 holds 3 golden entries, chunk 2 one
+    scores = model(doc.hidden.transpose(0, 1), doc.positions, doc.k_icomp)[0, 0]  # [16]
+    best = scores.view(4, 4).amax(1)  # 4 chunks of 4 entries
+    order = best.argsort(descending=True, stable=True).tolist()
+    rows = topk_sweep(model, [doc], (0.25, 0.5, 1.0), entries_per_chunk=4)
+    assert [r["fraction"] for r in rows] == [0.25, 0.5, 1.0]
+    for r, k in zip(rows, (1, 2, 4)):
+        kept = set(order[:k])
+        assert r["chunk_resident_fraction"] == k / 4
+        assert r["chunk_recall"] == pytest.approx(len(kept & {0, 2}) / 2)
+        assert r["entry_coverage"] == pytest.approx(
+            (3 * (0 in kept) + (2 in kept)) / 4)
+    assert rows[-1]["chunk_recall"] == 1.0 and rows[-1]["entry_coverage"] == 1.0
+    assert set(rows[0]["buckets"]) == {"0-1K"}
+    with pytest.raises(ValueError, match="must lie in"):
+        topk_sweep(model, [doc], (0.0,))
+
+
+def test_init_from_and_measure_only(tmp_path):
+    make_harvest(tmp_path / "h", n_docs=4)
+    res = train(_cfg(tmp_path, n_heads=4, negatives_per_positive=0))
+    assert res.final["overall"]["recall"] > 0.5
+    top = {r["fraction"]: r for r in res.topk_sweep}
+    cover = [r["entry_coverage"] for r in res.topk_sweep]
+    assert cover == sorted(cover) and cover[-1] > cover[0]
+    m = HarvestManifest.read(tmp_path / "h")
+    val = [load_document(m, d, (1, 2)) for d in m.documents if d.doc_id in res.val_documents]
+    torch.manual_seed(0)
+    untrained = topk_sweep(MemoryIndexer(res.indexer_config), val, entries_per_chunk=16)
+    assert top[0.2]["entry_coverage"] > untrained[-1]["entry_coverage"] + 0.05
+    saved = json.loads(res.metrics_path.read_text())
+    assert saved["topk_sweep"] == json.loads(json.dumps(res.topk_sweep))
+    # --epochs 0 --init-from: the same checkpoint measured on the same held-out set.
+    again = train(_cfg(tmp_path, out_dir=str(tmp_path / "m"), epochs=0, rank=3,
+                       init_from=str(res.checkpoint)))
+    assert again.indexer_config == res.indexer_config  # the checkpoint's shape wins
+    assert again.history == [] and again.val_documents == res.val_documents
+    assert again.final == res.final and again.topk_sweep == res.topk_sweep
+    # Fine-tuning from it starts where it ended, not from a fresh init.
+    more = train(_cfg(tmp_path, out_dir=str(tmp_path / "f"), epochs=1,
+                      init_from=str(res.checkpoint), negatives_per_positive=0))
+    assert more.history[0]["eval"]["overall"]["recall"] > 0.5
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        _cfg(tmp_path, init_from=str(tmp_path))
+
+
 def test_buckets():
     assert [bucket_name(n) for n in (1, 1023, 1024, 2500, 4096, 70000)] == [
         "0-1K",
@@ -250,8 +323,10 @@ def test_refusals(tmp_path):
         ValueError, match=r"indexer layer 0 .* harvest holds CSA layers \[1, 2\]"
     ):
         train(_cfg(tmp_path, indexer_layers=(0,)))
-    with pytest.raises(ValueError, match="epochs=0 must be a positive integer"):
+    with pytest.raises(ValueError, match=r"epochs=0 must be an integer >= 1 \(0 only with"):
         _cfg(tmp_path, epochs=0)
+    with pytest.raises(ValueError, match="negatives_per_positive=-1 must be an integer >= 0"):
+        _cfg(tmp_path, negatives_per_positive=-1)
     with pytest.raises(ValueError, match="sample_weighting='votes' is not a rule"):
         _cfg(tmp_path, sample_weighting="votes")
     with pytest.raises(ValueError, match="val_fraction=1.0 must lie in"):
@@ -328,6 +403,7 @@ def test_cli(tmp_path, capsys):
     assert "recall" in out and "0-1K" in out and "threshold 0.5" in out
     assert "threshold sweep" in out and "chunk resident" in out
     assert "per context bucket" not in out  # one bucket: the overall table says it all
+    assert "top-K chunks" in out and "\n   20% " in out
     assert (tmp_path / "o" / "indexer" / "config.json").is_file()
 
 

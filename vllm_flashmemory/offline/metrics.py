@@ -8,6 +8,12 @@ For each window (query position p, visible entries s < (p + 1) // m):
 Counts are summed over the windows of a bucket before dividing (micro averages), so a
 bucket's numbers are those of all its entries together. Buckets are by the query's
 context length in tokens, on power-of-two edges.
+
+`topk_sweep` is the same held-out measure for top-K selection (`lsa<pct>` in
+`flashmemory eval`): per window the ceil(f x visible chunks) chunks whose best entry
+scores highest (layers combined as in Eq. 13), and the share of golden chunks and of
+golden entries they hold. A needle's chunk holds many golden entries, so entry coverage
+is the closer proxy of what an answer loses.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from vllm_flashmemory.core.memory_indexer import (
     MemoryIndexer,
+    combine_layers,
     entries_to_chunks,
     select,
 )
@@ -187,6 +194,91 @@ def threshold_sweep(
     ]
 
 
+# Shares of the visible chunks a top-K selection keeps (lsa1 .. lsa20).
+TOPK_FRACTIONS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+@torch.no_grad()
+def topk_sweep(
+    model: MemoryIndexer,
+    documents: list[DocumentWindows],
+    fractions: tuple[float, ...] | list[float] = TOPK_FRACTIONS,
+    routing: str = "or",
+    entries_per_chunk: int = 64,
+    batch_windows: int = 64,
+) -> list[dict[str, object]]:
+    """Golden chunk recall and golden entry coverage of top-K chunk selection, per
+    fraction (ascending), overall and under "buckets" per context-length bucket."""
+    ordered = sorted(set(fractions))
+    for f in ordered:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"top-K fraction {f!r} must lie in (0, 1], e.g. 0.05.")
+    # per fraction: name -> [windows, golden_chunks, hit_chunks, golden, covered, kept, vis_c]
+    sums: list[dict[str, list[int]]] = [{} for _ in ordered]
+    was_training = model.training
+    model.eval()
+    try:
+        for doc in documents:
+            n = doc.k_icomp.shape[1]
+            for start in range(0, doc.n_windows, batch_windows):
+                sl = slice(start, start + batch_windows)
+                hidden = doc.hidden[sl].transpose(0, 1)  # [L, B, D]
+                scores = model(hidden, doc.positions[sl], doc.k_icomp)  # [L, B, N]
+                entry = combine_layers(scores, routing).float().cpu()  # [B, N]
+                vis = torch.arange(n)[None, :] < doc.n_visible[sl, None].cpu()  # [B, N]
+                gold = doc.golden[sl] & vis
+                entry = entry.masked_fill(~vis, float("-inf"))
+                n_chunks = -(-n // entries_per_chunk)
+                pad = n_chunks * entries_per_chunk - n
+                chunk_score = torch.nn.functional.pad(
+                    entry, (0, pad), value=float("-inf")
+                ).view(-1, n_chunks, entries_per_chunk).amax(2)  # [B, C]
+                gold_per_chunk = torch.nn.functional.pad(gold.long(), (0, pad)).view(
+                    -1, n_chunks, entries_per_chunk
+                ).sum(2)  # [B, C]
+                vis_c = entries_to_chunks(vis, entries_per_chunk).sum(1)  # [B]
+                order = chunk_score.argsort(dim=1, descending=True, stable=True)  # [B, C]
+                rank = order.argsort(dim=1, stable=True)  # rank of each chunk
+                names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
+                for t, f in enumerate(ordered):
+                    keep = (vis_c.float() * f).ceil().long().clamp(min=1)  # [B]
+                    kept = (rank < keep[:, None]) & (chunk_score > float("-inf"))
+                    rows = torch.stack([
+                        torch.ones_like(keep),
+                        (gold_per_chunk > 0).sum(1),
+                        ((gold_per_chunk > 0) & kept).sum(1),
+                        gold_per_chunk.sum(1),
+                        (gold_per_chunk * kept).sum(1),
+                        kept.sum(1),
+                        vis_c,
+                    ], dim=1)  # [B, 7]
+                    for name, row in zip(names, rows.tolist()):
+                        for key in ("overall", name):
+                            acc = sums[t].setdefault(key, [0] * 7)
+                            for i, v in enumerate(row):
+                                acc[i] += v
+    finally:
+        model.train(was_training)
+
+    def summary(c: list[int]) -> dict[str, float | int | None]:
+        return {
+            "windows": c[0],
+            "chunk_recall": _ratio(c[2], c[1]),
+            "entry_coverage": _ratio(c[4], c[3]),
+            "chunk_resident_fraction": _ratio(c[5], c[6]),
+        }
+
+    out = []
+    for f, per in zip(ordered, sums):
+        names = sorted((k for k in per if k != "overall"), key=bucket_sort_key)
+        out.append({
+            "fraction": f,
+            **summary(per.get("overall", [0] * 7)),
+            "buckets": {k: summary(per[k]) for k in names},
+        })
+    return out
+
+
 def _batch_counts(
     sel: torch.Tensor, gold: torch.Tensor, vis: torch.Tensor, epc: int
 ) -> list[Counts]:
@@ -261,6 +353,7 @@ def _k(tokens: int) -> str:
 
 __all__ = [
     "SWEEP_THRESHOLDS",
+    "TOPK_FRACTIONS",
     "Counts",
     "EvalResult",
     "bucket_name",
@@ -269,4 +362,5 @@ __all__ = [
     "evaluate_thresholds",
     "plot_history",
     "threshold_sweep",
+    "topk_sweep",
 ]

@@ -4,7 +4,10 @@ Keys K^IComp are frozen; only W_DQ, the RMSNorm weight, W_IUQ and W_w train (a d
 encoder with a fixed document side). Loss: focal loss with gamma 2 and per-sample
 weights, no alpha (Eq. 14-15), on every golden entry of a window plus 3 random
 non-golden visible entries per positive (all of them when fewer exist; a window
-without positives still draws 3, so it learns to stay quiet).
+without positives still draws 3, so it learns to stay quiet). With
+`--negatives-per-positive 0` every non-golden visible entry is a negative: the
+near-miss entries (a distractor needle beside the real one) that top-K selection must
+rank below the golden ones are then in every step's loss, not in 3 of ~80 draws.
 
 Per-sample weight rule (w_{t,s} of Eq. 15): every window carries the same total
 weight, split evenly over its samples: w_{t,s} = n_samples / (n_windows * |S_t|)
@@ -18,7 +21,10 @@ Outputs in OUT: `indexer/` (checkpoint of the last epoch), `metrics.json`,
 `metrics.png`, and `train_state.pt` to resume from the last finished epoch.
 metrics.json's `threshold_sweep` holds the final model's held-out recall and resident
 fractions at thresholds 0.05-0.9 and at --threshold, to pick the threshold that meets a
-resident-fraction target (the paper's ~15%).
+resident-fraction target (the paper's ~15%); `topk_sweep` holds golden chunk recall and
+golden entry coverage of top-K selection at 1-20% of the chunks (`lsa<pct>` in eval).
+`--init-from DIR` starts from a Memory Indexer checkpoint (its shape wins); with
+`--epochs 0` it only measures that checkpoint on the held-out documents.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from vllm_flashmemory.offline.metrics import (
     evaluate_indexer,
     plot_history,
     threshold_sweep,
+    topk_sweep,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,6 +100,9 @@ class TrainConfig:
     native_scale: float = 0.1
     # Backbone folder for init="native"; None = the model the harvest names.
     backbone: str | None = None
+    # A Memory Indexer checkpoint to start from instead of `init` (its config wins);
+    # with epochs 0 the run only measures it on the held-out documents.
+    init_from: str | None = None
     epochs: int = 10
     # Windows per optimizer step (all from one document: they share its keys).
     batch_windows: int = 16
@@ -108,7 +118,8 @@ class TrainConfig:
     relu_slope_epochs: int = 5
     # Focusing parameter gamma of Eq. 15 (the paper's 2).
     focal_gamma: float = 2.0
-    # Random negatives per positive, drawn from non-golden visible history (§2.4).
+    # Random negatives per positive, drawn from non-golden visible history (§2.4);
+    # 0 = every non-golden visible entry.
     negatives_per_positive: int = 3
     sample_weighting: Literal["window", "uniform"] = "window"
     # Selection threshold and routing of the evaluation (Eq. 5, 13).
@@ -141,8 +152,20 @@ class TrainConfig:
             "relu_slope_epochs",
         ):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer.")
+            lowest = 0 if name == "negatives_per_positive" or (
+                name == "epochs" and self.init_from is not None) else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+                raise ValueError(
+                    f"{name}={v!r} must be an integer >= {lowest}"
+                    + (" (0 = every non-golden entry)." if name == "negatives_per_positive"
+                       else " (0 only with --init-from, to measure a checkpoint)."
+                       if name == "epochs" else ".")
+                )
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--init-from {self.init_from!r} holds no config.json; pass a Memory "
+                "Indexer checkpoint folder (OUT/indexer of `flashmemory train`)."
+            )
         if not self.lr > 0:
             raise ValueError(
                 f"lr={self.lr!r} must be positive; try 3e-3 for the tiny model."
@@ -190,6 +213,8 @@ class TrainResult:
     val_documents: list[str]
     # Overall held-out metrics of the final model per threshold (metrics.py).
     threshold_sweep: list[dict[str, Any]] = field(default_factory=list)
+    # Held-out top-K chunk recall and golden entry coverage per fraction (metrics.py).
+    topk_sweep: list[dict[str, Any]] = field(default_factory=list)
 
 
 def focal_loss(
@@ -214,9 +239,12 @@ def sample_targets(
     golden [B, N], visible [B, N] -> (mask [B, N] bool, y [B, N] float).
 
     Every golden visible entry is a positive; neg_per_pos x max(1, #pos) negatives are
-    drawn uniformly without replacement from the non-golden visible entries.
+    drawn uniformly without replacement from the non-golden visible entries; with
+    neg_per_pos 0 every visible entry is a sample.
     """
     pos = golden & visible
+    if neg_per_pos == 0:
+        return visible.clone(), pos.float()
     neg = visible & ~golden
     n_neg = (pos.sum(1).clamp(min=1) * neg_per_pos).clamp(max=neg.sum(1))  # [B]
     r = torch.rand(golden.shape, generator=generator)
@@ -321,7 +349,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     "docstring."""
     manifests = [HarvestManifest.read(d) for d in cfg.data_dirs]
     manifest = same_backbone(manifests)
-    icfg = build_indexer_config(manifest, cfg)
+    start = None
+    if cfg.init_from is not None:
+        start = MemoryIndexer.load(cfg.init_from, map_location="cpu")
+        icfg = start.config
+        g = manifest.geometry
+        check_indexer_layers(g, icfg.layer_ids)
+        if (icfg.hidden_size, icfg.head_dim) != (g.hidden_size, g.index_head_dim):
+            raise ValueError(
+                f"--init-from {cfg.init_from!r} is an indexer of hidden size "
+                f"{icfg.hidden_size} and key width {icfg.head_dim}, but the harvest's "
+                f"backbone has {g.hidden_size} and {g.index_head_dim}; start from an "
+                "indexer trained for this backbone."
+            )
+    else:
+        icfg = build_indexer_config(manifest, cfg)
     train_docs, val_docs = [], []
     for m in manifests:
         tr, va = split_documents(m.labelled_documents(), cfg.val_fraction, cfg.seed)
@@ -334,7 +376,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     torch.manual_seed(cfg.seed)
     model = MemoryIndexer(icfg)
-    if cfg.init == "native":
+    if start is not None:
+        model.load_state_dict(start.state_dict())
+    elif cfg.init == "native":
         native_init(model, manifest, cfg)
     model.to(cfg.device)
     opt = torch.optim.AdamW(
@@ -425,20 +469,25 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
         _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs)
 
+    if not history:  # --epochs 0: the checkpoint as given
+        model.save(out / "indexer")
     sweep = threshold_sweep(
         model, val_set, (*SWEEP_THRESHOLDS, cfg.threshold), cfg.routing, epc
     )
-    _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs, sweep)
+    topk = topk_sweep(model, val_set, routing=cfg.routing, entries_per_chunk=epc)
+    _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs, sweep, topk)
     return TrainResult(
         checkpoint=out / "indexer",
         metrics_path=out / "metrics.json",
         plot_path=out / "metrics.png",
         indexer_config=icfg,
-        final=history[-1]["eval"] if history else {},
+        final=history[-1]["eval"] if history else evaluate_indexer(
+            model, val_set, cfg.threshold, cfg.routing, epc).to_dict(),
         history=history,
         train_documents=[d.doc_id for d in train_docs],
         val_documents=[d.doc_id for d in val_docs],
         threshold_sweep=sweep,
+        topk_sweep=topk,
     )
 
 
@@ -475,6 +524,7 @@ def _write_outputs(
     train_docs: list,
     val_docs: list,
     sweep: list[dict[str, Any]] | None = None,
+    topk: list[dict[str, Any]] | None = None,
 ) -> None:
     doc = {
         "train_config": {
@@ -496,6 +546,7 @@ def _write_outputs(
         "history": history,
         "final": history[-1]["eval"] if history else None,
         "threshold_sweep": sweep,
+        "topk_sweep": topk,
     }
     atomic_write(
         out / "metrics.json",
@@ -520,6 +571,8 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "rank": (int, "W_DQ rank r (default: hidden_size / 2; q_lora_rank with init native)"),
     "init": (str, "'native' (start as the backbone's lightning indexer) or 'random'"),
     "backbone": (str, "backbone folder for init native (default: the harvest's model)"),
+    "init_from": (str, "Memory Indexer checkpoint to start from (with --epochs 0: "
+                  "only measure it)"),
     "native_scale": (float, "factor on the copied head weights under init native"),
     "n_heads": (int, "indexer heads (default: the native indexer's)"),
     "epochs": (int, "passes over the training windows"),
@@ -529,7 +582,8 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "relu_slope": (float, "leaky slope of Eq. 4's ReLU in training, annealed to 0"),
     "relu_slope_epochs": (int, "epochs over which relu_slope falls to 0"),
     "focal_gamma": (float, "focusing parameter gamma of Eq. 15"),
-    "negatives_per_positive": (int, "random non-golden visible entries per positive"),
+    "negatives_per_positive": (int, "random non-golden visible entries per positive "
+                               "(0 = every non-golden visible entry)"),
     "sample_weighting": (str, "w of Eq. 15: 'window' (equal per window) or 'uniform'"),
     "threshold": (float, "evaluation threshold of Eq. 5"),
     "routing": (str, "cross-layer ensemble of Eq. 13: 'or' or 'mean'"),
@@ -615,6 +669,17 @@ def run(args: argparse.Namespace) -> int:
                 for b in buckets
             ]
             print(f"{t['threshold']:>9} " + " ".join(f"{c:>15}" for c in cells))
+    print("top-K chunks (held-out): golden entry coverage / golden chunk recall")
+    buckets = sorted({b for t in res.topk_sweep for b in t["buckets"]}, key=bucket_sort_key)
+    names = [*buckets, "all"] if len(buckets) > 1 else ["all"]
+    print(f"{'top-K':>6} " + " ".join(f"{b:>15}" for b in names))
+    for t in res.topk_sweep:
+        cells = []
+        for b in names:
+            row = t if b == "all" else t["buckets"].get(b)
+            cells.append("n/a" if row is None else
+                         f"{_fmt(row['entry_coverage'])} / {_fmt(row['chunk_recall'])}")
+        print(f"{100 * t['fraction']:>5.0f}% " + " ".join(f"{c:>15}" for c in cells))
     print(f"metrics {res.metrics_path}, plot {res.plot_path}")
     return 0
 
