@@ -9,7 +9,8 @@
 #   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
 #   bucket is <= RESIDENT_TARGET.
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
-#   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags.
+#   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags;
+#   LABELS=attention harvests with --attention and labels with --source attention.
 #   EVAL_ARGS="--local-window-tokens 1024 --chunk-tokens 32" fixes the window and chunk
 #   in tokens at every length (the paper's protocol divided by 8; docs/RESULTS.md).
 set -uo pipefail
@@ -55,9 +56,10 @@ if [ -z "${INDEXER:-}" ]; then
     HARVEST_CMD=($CLI harvest --model "$BB" --out "$H" --documents "$WORK/docs$PROMPT.jsonl"
       --tokens "$DOC_LEN" --prompt-tokens $((PROMPT - 1)) --device "$DEVICE" --max-chunk-tokens 4096
       --workers "$HARVEST_WORKERS" --no-progress)
+    [ "${LABELS:-indexer}" = attention ] && HARVEST_CMD+=(--attention)
     if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -1
     else "${HARVEST_CMD[@]}" | tail -1; fi
-    $CLI label "$H" | tail -1
+    $CLI label "$H" --source "${LABELS:-indexer}" | tail -1
     HARVESTS+=("$H")
   done
   echo "harvest done at $(( $(date +%s) - T0 )) s"

@@ -242,6 +242,26 @@ def test_workers_match_one_process_and_resume(setup, tmp_path):
     assert (two / "doc00000" / "shard00000.safetensors").stat().st_mtime_ns == kept
 
 
+def test_cuda_workers_split_the_gpu_memory():
+    """Each GPU worker is capped at 0.9/k of the device, so one long document's cache
+    growth cannot starve the others; CPU workers get no cap."""
+    import argparse
+
+    from vllm_flashmemory.offline.harvest import add_arguments, worker_command
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--out", "o", "--documents", "d.jsonl",
+                              "--prompt-tokens", "8", "--workers", "4", "--device", "cuda"])
+    cmd = worker_command(args, 1)
+    again = parser.parse_args(cmd[4:])
+    assert again.cuda_memory_fraction == pytest.approx(0.225)
+    assert (again.worker, again.device) == ("1/4", "cuda")
+    cpu = parser.parse_args(["--model", "m", "--out", "o", "--documents", "d.jsonl",
+                             "--prompt-tokens", "8", "--workers", "4"])
+    assert "--cuda-memory-fraction" not in worker_command(cpu, 0)
+
+
 def test_worker_flag_is_validated():
     from vllm_flashmemory.offline.harvest import parse_worker
 
@@ -249,3 +269,52 @@ def test_worker_flag_is_validated():
     for bad in ("4/4", "-1/2", "x", "1/0"):
         with pytest.raises(ValueError, match="must be i/k"):
             parse_worker(bad)
+
+
+def test_attention_capture_is_what_the_layer_read(setup, full_run, tmp_path):
+    """--attention adds each CSA layer's head-mean attention probability on every
+    compressed entry: non-negative, at most 1 per row, zero where the entry is not
+    visible, nonzero only on the native top-k (index_topk = 64) of that position's
+    logits; every other tensor stays byte-identical, and labels --source attention
+    pick only entries the attention read."""
+    from vllm_flashmemory.offline.labels import LabelConfig, label_harvest
+
+    model_dir, _, _, model = setup
+    docs = synthetic_documents(1, 383, seed=3)
+    ids = tokenize_documents(model_dir, docs, 384)
+    plain, with_attn = tmp_path / "plain", tmp_path / "attn"
+    cfg = dict(model=model_dir, prompt_tokens=300, positions_per_shard=64,
+               max_chunk_tokens=128)
+    harvest(HarvestConfig(out=str(plain), **cfg), docs, ids, progress=False, model=model)
+    harvest(HarvestConfig(out=str(with_attn), attention=True, **cfg), docs, ids,
+            progress=False, model=model)
+    assert json.loads((with_attn / "manifest.json").read_text())["attention"] is True
+    n_doc = 384 // 4
+    for f in sorted(plain.glob("doc*/*.safetensors")):
+        a, b = load_file(f), load_file(with_attn / f.relative_to(plain))
+        assert set(b) - set(a) <= {"attention"}
+        for k in a:
+            assert torch.equal(a[k], b[k])
+        if "attention" not in b:
+            continue
+        att, logits, pos = b["attention"], b["logits"], b["positions"]
+        assert att.shape == (pos.shape[0], 4, n_doc) and att.dtype == torch.float32
+        visible = torch.arange(n_doc)[None, :] < ((pos + 1) // 4)[:, None]  # [t, N]
+        assert bool((att >= 0).all()) and bool((att.sum(-1) <= 1 + 1e-5).all())
+        assert bool((att.sum(-1) > 0).all())  # every layer reads some history here
+        assert not bool((att * ~visible[:, None, :]).any())
+        top = logits.topk(64, dim=-1).indices  # [t, L, 64]
+        in_top = torch.zeros_like(att, dtype=torch.bool).scatter_(-1, top, True)
+        assert not bool(((att > 0) & ~in_top).any())
+        assert int((att[0, 0] > 0).sum()) <= 64 < int(visible[0].sum())
+    with pytest.raises(ValueError, match="needs the attention"):
+        label_harvest(plain, LabelConfig(tau=16, source="attention"), progress=False)
+    label_harvest(with_attn, LabelConfig(tau=16, source="attention"), progress=False)
+    golden = load_file(with_attn / "doc00000" / "labels.safetensors")["golden"]
+    read = torch.zeros(n_doc, dtype=torch.bool)
+    for f in sorted((with_attn / "doc00000").glob("shard*.safetensors")):
+        read |= (load_file(f)["attention"] > 0).any(0).any(0)
+    assert golden.any() and not bool((golden & ~read).any())
+    with pytest.raises(ValueError, match="other settings"):  # resume keeps the setting
+        harvest(HarvestConfig(out=str(plain), attention=True, **cfg), docs, ids,
+                progress=False, model=model)

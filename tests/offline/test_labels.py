@@ -10,6 +10,9 @@ Scenarios:
 - top_p = 1 keeps every visible entry; min_votes = L needs unanimity;
 - every refusal (shapes, dtypes, top_p, min_votes, tau, non-finite visible logits);
 - `flashmemory label` over a two-shard harvest equals golden_labels on the concatenation.
+- attention labels: the nucleus over renormalized attention equals the logits path
+  fed log-probabilities; a row without attention on history votes for nothing; bad
+  probabilities and an unknown source are refused.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ import pytest
 import torch
 
 from vllm_flashmemory.offline import golden_labels
-from vllm_flashmemory.offline.labels import LabelConfig, golden_entries, label_harvest
+from vllm_flashmemory.offline.labels import (
+    LabelConfig,
+    golden_entries,
+    golden_entries_from_attention,
+    label_harvest,
+)
 
 
 def brute_force(logits, visible, top_p, min_votes, tau):
@@ -232,7 +240,7 @@ def test_label_harvest_streams_shards_like_one_call(tmp_path):
     assert torch.equal(out["golden"][1], golden[(positions > 56) & (positions <= 72)].any(0))
     assert not torch.equal(golden_labels(logits, visible, tau=16), expected)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["labels"] == {"top_p": 0.6, "min_votes": 3, "tau": 16}
+    assert manifest["labels"] == {"top_p": 0.6, "min_votes": 3, "tau": 16, "source": "indexer"}
 
 
 def test_label_harvest_refuses_missing_and_foreign_dirs(tmp_path):
@@ -241,3 +249,30 @@ def test_label_harvest_refuses_missing_and_foreign_dirs(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="expected 'flashmemory-harvest/1'"):
         label_harvest(tmp_path, LabelConfig(), progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attention_labels_equal_the_logit_path_on_log_probabilities(seed):
+    gen = torch.Generator().manual_seed(seed)
+    T, L, N = 7, 3, 20
+    visible = torch.arange(N)[None, :] < torch.randint(1, N + 1, (T, 1), generator=gen)
+    raw = torch.rand(T, L, N, generator=gen) * visible[:, None, :]
+    # Part of each row's mass sits on the sliding window: rows sum to 0.3-0.9.
+    att = raw / raw.sum(-1, keepdim=True).clamp(min=1e-9) * (0.3 + 0.6 * torch.rand(T, L, 1, generator=gen))
+    logits = torch.log(att.double()).masked_fill(~visible[:, None, :], float("-inf"))
+    for top_p, votes in ((0.6, 2), (0.3, 3), (1.0, 1)):
+        got = golden_entries_from_attention(att, visible, top_p=top_p, min_votes=votes)
+        want = golden_entries(logits, visible, top_p=top_p, min_votes=votes)
+        assert torch.equal(got, want)
+
+
+def test_attention_row_without_history_mass_votes_for_nothing():
+    visible = torch.ones(2, 4, dtype=torch.bool)
+    att = torch.zeros(2, 2, 4)
+    att[0, :, 1] = 0.2  # both layers read only entry 1
+    got = golden_entries_from_attention(att, visible, top_p=0.6, min_votes=2)
+    assert got.tolist() == [[False, True, False, False], [False] * 4]
+    with pytest.raises(ValueError, match="negative, NaN or infinite"):
+        golden_entries_from_attention(-att, visible, min_votes=2)
+    with pytest.raises(ValueError, match="not a label source"):
+        LabelConfig(source="attn")

@@ -8,6 +8,11 @@ and the layer's attention input x (after mHC pre-mix and attn_norm), which is al
 the input of the indexer's weights_proj. Its output is the logit
 I_{t,s} = sum_h w_{t,h} * ReLU(q_{t,h} . K^IComp_s) before any causal mask.
 
+With `record_attention`, a forward hook on each CSA layer's attention also keeps the
+main attention's probability on every compressed entry, averaged over heads: what
+the layer actually read, after the native top-k (entries outside it get exactly 0).
+It needs the eager attention, which returns its weights (`load_hf_model` sets it).
+
 One-call prefill is quadratic in transformers (notes/deepseek_v4.md §7), so
 `chunked_forward` feeds the sequence through the cache in chunks.
 """
@@ -33,6 +38,9 @@ class LayerCapture:
     logits: torch.Tensor  # [S, T] unmasked native indexer logits
     q: torch.Tensor | None = None  # [S, H, Dk] rotated index queries (record_qw)
     weights: torch.Tensor | None = None  # [S, H] head weights incl. both scales
+    # [S, T] main attention probability on each compressed entry, mean over heads
+    # (record_attention); rows sum to <= 1, the rest sits on the sliding window.
+    attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -44,6 +52,7 @@ class IndexerCapture:
 
     model: DeepseekV4ForCausalLM
     record_qw: bool = False
+    record_attention: bool = False
     csa_layers: tuple[int, ...] = field(init=False)
     layers: list[LayerCapture | None] = field(init=False)
     _handles: list = field(init=False, default_factory=list)
@@ -59,8 +68,11 @@ class IndexerCapture:
 
     def __enter__(self) -> IndexerCapture:
         for slot, layer_id in enumerate(self.csa_layers):
-            scorer = self.model.model.layers[layer_id].self_attn.compressor.indexer.scorer
+            attn = self.model.model.layers[layer_id].self_attn
+            scorer = attn.compressor.indexer.scorer
             self._handles.append(scorer.register_forward_hook(self._hook(slot)))
+            if self.record_attention:
+                self._handles.append(attn.register_forward_hook(self._attention_hook(slot)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -91,6 +103,24 @@ class IndexerCapture:
         return hook
 
 
+    def _attention_hook(self, slot: int):
+        def hook(module: torch.nn.Module, args: tuple, output: tuple) -> None:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise ValueError(
+                    "the attention returned no weights, so IndexerCapture cannot "
+                    "record attention; load the model with attn_implementation "
+                    "'eager' (dsv4.checkpoint.load_hf_model does)."
+                )
+            cap = self.layers[slot]
+            assert cap is not None, "the scorer runs inside the attention, before it"
+            n = cap.k_icomp.shape[0]
+            # [B, H, S, window + T]: the compressed entries are the last T columns.
+            cap.attention = weights[0, :, :, weights.shape[-1] - n :].detach().float().mean(0)
+
+        return hook
+
+
 def csa_layer_ids(model: DeepseekV4ForCausalLM) -> tuple[int, ...]:
     return tuple(
         i for i, t in enumerate(model.config.layer_types)
@@ -109,17 +139,19 @@ def visible_entries(positions: torch.Tensor, compress_ratio: int = 4) -> torch.T
 
 
 def mask_to_doc(
-    logits: torch.Tensor, positions: torch.Tensor, n_entries: int, compress_ratio: int = 4
+    logits: torch.Tensor, positions: torch.Tensor, n_entries: int, compress_ratio: int = 4,
+    fill: float = float("-inf"),
 ) -> torch.Tensor:
-    """Pad [S, T] logits to [S, n_entries] and set invisible entries to -inf."""
+    """Pad [S, T] logits to [S, n_entries] and set invisible entries to `fill`
+    (-inf for logits, 0 for probabilities)."""
     s, t = logits.shape
-    out = logits.new_full((s, n_entries), float("-inf"))
+    out = logits.new_full((s, n_entries), fill)
     t_keep = min(t, n_entries)
     out[:, :t_keep] = logits[:, :t_keep]
     entry = torch.arange(n_entries, device=logits.device)
     visible = visible_entries(positions.to(logits.device), compress_ratio)
     invisible = entry[None, :] >= visible[:, None]
-    return out.masked_fill(invisible, float("-inf"))
+    return out.masked_fill(invisible, fill)
 
 
 @torch.no_grad()

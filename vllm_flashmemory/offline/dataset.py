@@ -135,7 +135,8 @@ class HarvestManifest:
             positions_per_shard=int(m["positions_per_shard"]),
             geometry=HarvestGeometry.from_json(m["geometry"], _model_config(m)),
             documents=docs,
-            labels=dict(m.get("labels") or {}),
+            # Labels written before --source existed came from the native indexer.
+            labels={"source": "indexer", **m["labels"]} if m.get("labels") else {},
         )
 
     def labelled_documents(self) -> list[DocumentInfo]:

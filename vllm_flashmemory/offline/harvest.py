@@ -70,6 +70,9 @@ class HarvestConfig:
     max_chunk_tokens: int = 256
     # Where the model runs: "cpu" or "cuda" (shards are written from host memory).
     device: str = "cpu"
+    # Also record the main attention's probability on every compressed entry (the
+    # `attention` tensor of each shard), for `flashmemory label --source attention`.
+    attention: bool = False
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -163,6 +166,7 @@ def harvest(
         "prompt_tokens": cfg.prompt_tokens,
         "positions_per_shard": cfg.positions_per_shard,
         "geometry": geometry,
+        "attention": cfg.attention,
         "documents": [
             {
                 "doc_id": doc.doc_id,
@@ -224,7 +228,9 @@ def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_writt
     hidden_slots = geometry["hidden_layers"]
     chunk = cfg.chunk_tokens(n_tokens, geometry["index_n_heads"])
     pending: dict[str, list[torch.Tensor]] = {"positions": [], "hidden": [], "logits": []}
-    with IndexerCapture(model) as cap:
+    if cfg.attention:
+        pending["attention"] = []
+    with IndexerCapture(model, record_attention=cfg.attention) as cap:
         for start, end in chunked_forward(model, ids, chunk, cap):
             bar.update(end - start)
             lo = max(start, p0)
@@ -244,6 +250,13 @@ def _harvest_document(cfg, model, entry, ids, out, geometry, bar, on_shard_writt
                         [mask_to_doc(c.logits[rows], positions, n_entries, COMPRESS_RATIO)
                          for c in cap.layers], dim=1
                     ).cpu())
+                    if cfg.attention:
+                        # [T_s, L_csa, N_doc] probabilities, 0 where s is not visible to p
+                        pending["attention"].append(torch.stack(
+                            [mask_to_doc(c.attention[rows], positions, n_entries,
+                                         COMPRESS_RATIO, fill=0.0)
+                             for c in cap.layers], dim=1
+                        ).cpu())
                     if hi == p0 + (shard + 1) * per or hi == n_tokens:
                         tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
                         atomic_save_tensors(doc_dir / _shard_name(shard), tensors)
@@ -271,7 +284,7 @@ def _check_resumable(old: dict, new: dict, out: Path) -> None:
     def key(m: dict) -> tuple:
         docs = [(d["doc_id"], d["dir"], d["n_tokens"]) for d in m["documents"]]
         return (m.get("format"), m["model"], m["prompt_tokens"], m["positions_per_shard"],
-                m["geometry"], docs)
+                m["geometry"], bool(m.get("attention", False)), docs)
 
     if key(old) != key(new):
         raise ValueError(
@@ -306,10 +319,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=_DEFAULTS["device"].default,
                         help="cpu or cuda: where the model runs, fp32 either way "
                         "(default: %(default)s)")
+    parser.add_argument("--attention", action="store_true",
+                        help="also record the main attention's probability on every "
+                        "compressed entry, for `flashmemory label --source attention`")
     parser.add_argument("--workers", type=int, default=1,
                         help="harvest processes side by side on the device; documents are "
                         "dealt round-robin (default: %(default)s)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "i/k": one worker's share
+    parser.add_argument("--cuda-memory-fraction", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -335,6 +352,8 @@ def worker_command(args: argparse.Namespace, i: int) -> list[str]:
            "--positions-per-shard", str(args.positions_per_shard),
            "--max-chunk-tokens", str(args.max_chunk_tokens), "--device", args.device,
            "--seed", str(args.seed), "--worker", f"{i}/{args.workers}", "--no-progress"]
+    if args.attention:
+        cmd.append("--attention")
     if args.documents is not None:
         cmd += ["--documents", args.documents]
     else:
@@ -343,6 +362,10 @@ def worker_command(args: argparse.Namespace, i: int) -> list[str]:
         cmd += ["--tokens", str(args.tokens)]
     if args.hidden_layers:
         cmd += ["--hidden-layers", *map(str, args.hidden_layers)]
+    if args.device == "cuda":
+        # Without a cap each worker's caching allocator keeps what its longest document
+        # needed: at 16K one grew to 26.5 GiB and starved the rest of an H100 (OOM).
+        cmd += ["--cuda-memory-fraction", f"{0.9 / args.workers:.4f}"]
     return cmd
 
 
@@ -359,6 +382,7 @@ def harvest_side_by_side(
         print(f"harvest worker {i}/{args.workers}: log {log}")
     failures = run_side_by_side(
         [worker_command(args, i) for i in range(args.workers)], logs,
+        env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
         on_stop=lambda: harvest(cfg, docs, token_ids, plan_only=True),
     )
     return harvest(cfg, docs, token_ids, plan_only=True), failures
@@ -370,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
         positions_per_shard=args.positions_per_shard,
         hidden_layers=tuple(args.hidden_layers) if args.hidden_layers else None,
         max_chunk_tokens=args.max_chunk_tokens, device=args.device,
+        attention=args.attention,
     )
     if args.synthetic is not None:
         if args.tokens is None or args.tokens < 2:
@@ -381,6 +406,12 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.workers, bool) or args.workers < 1:
         raise ValueError(f"--workers {args.workers!r} must be a positive integer.")
     worker = parse_worker(args.worker)
+    frac = getattr(args, "cuda_memory_fraction", None)
+    if frac is not None:
+        if not 0 < frac <= 1:
+            raise ValueError(f"--cuda-memory-fraction {frac!r} must lie in (0, 1].")
+        if cfg.device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(frac)
     ids = tokenize_documents(cfg.model, docs, args.tokens)
     t0 = time.perf_counter()
     failures: list[str] = []

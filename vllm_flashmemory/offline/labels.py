@@ -1,5 +1,14 @@
 """Golden labels: cross-layer majority voting over native-indexer nuclei (Eq. 7-11).
 
+`--source attention` takes each layer's nucleus over the main attention's probability
+on the compressed entries (harvested with `harvest --attention`) instead of the
+softmax of the native indexer's logits; voting and the window union are the same.
+Why: on the committed tiny backbone the indexer's softmax is flat. Its p = 0.6
+nucleus over an answer held 6-50 entries per window and missed the needle's value
+entries in 3 of 16 4K documents, while the attention that produced the answer sits
+on the needle; the `oracle` rows of `flashmemory eval`, which rank by that attention,
+keep full accuracy at 3% of the history (docs/RESULTS.md).
+
 `golden_labels` is the public contract; `flashmemory label` streams it over
 harvested shards (docs/DATA_FORMAT.md) and writes `labels.safetensors` per document.
 
@@ -40,9 +49,21 @@ class LabelConfig:
     min_votes: int = 3
     # Lookahead window in decode steps, Eq. 11; the paper's τ = 64.
     tau: int = 64
+    # What each layer's nucleus is taken over: "indexer" (softmax of the native
+    # indexer's logits, the paper's Eq. 7) or "attention" (the main attention's
+    # probability on each compressed entry; needs `harvest --attention`).
+    source: str = "indexer"
 
     def __post_init__(self) -> None:
         _check_label_args(self.top_p, self.min_votes, self.tau)
+        if self.source not in LABEL_SOURCES:
+            raise ValueError(
+                f"source={self.source!r} is not a label source; use 'indexer' (the "
+                "paper's) or 'attention' (harvested with --attention)."
+            )
+
+
+LABEL_SOURCES = ("indexer", "attention")
 
 
 def _check_label_args(top_p: float, min_votes: int, tau: int) -> None:
@@ -88,7 +109,42 @@ def golden_entries(
     any_visible = visible.any(dim=1)  # [T]
     # Eq. 7: softmax over the visible entries; rows with nothing visible stay zero.
     probs = torch.softmax(masked.masked_fill(~any_visible[:, None, None], 0.0), dim=-1)
-    probs = probs.masked_fill(~vis, 0.0)
+    return _nucleus_votes(probs.masked_fill(~vis, 0.0), vis, top_p, min_votes)
+
+
+def golden_entries_from_attention(
+    attention: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    top_p: float = 0.6,
+    min_votes: int = 3,
+) -> torch.Tensor:
+    """Per-position golden entries with the main attention in place of Eq. 7.
+
+    attention: [T, L, N] float, each layer's attention probability on each compressed
+    entry (rows sum to <= 1: the rest is on the sliding window); visible: [T, N] bool.
+    Each row is renormalized over the visible entries, so top_p is a share of the
+    mass the layer put on compressed history; a row with none has an empty nucleus.
+    returns: [T, N] bool, as golden_entries.
+    """
+    T, L, N = _check_inputs(attention, visible, top_p, min_votes)
+    vis = visible.unsqueeze(1).expand(T, L, N)  # [T, L, N]
+    a = attention.double()
+    if torch.any(~torch.isfinite(a)) or torch.any(a < 0):
+        raise ValueError(
+            "attention holds negative, NaN or infinite values; it must be the "
+            "probabilities `harvest --attention` writes (docs/DATA_FORMAT.md)."
+        )
+    a = a.masked_fill(~vis, 0.0)
+    total = a.sum(dim=-1, keepdim=True)  # [T, L, 1]
+    probs = torch.where(total > 0, a / total.clamp(min=1e-300), a)
+    return _nucleus_votes(probs, vis & (total > 0), top_p, min_votes)
+
+
+def _nucleus_votes(
+    probs: torch.Tensor, vis: torch.Tensor, top_p: float, min_votes: int
+) -> torch.Tensor:
+    """Eq. 8-10 on [T, L, N] probabilities: per-layer top-p nucleus, then the vote."""
     # Eq. 8: an entry is in the nucleus iff the mass of the entries before it
     # (sorted by probability, stable so ties keep index order) is still < top_p;
     # that keeps the entry that crosses top_p and never leaves the nucleus empty.
@@ -184,6 +240,11 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
             f"{manifest_path} has format {manifest.get('format')!r}; expected "
             "'flashmemory-harvest/1' (re-run `flashmemory harvest`)."
         )
+    if config.source == "attention" and not manifest.get("attention", False):
+        raise ValueError(
+            f"--source attention needs the attention the harvest at {root} did not "
+            "record; re-run `flashmemory harvest` with --attention into a new --out."
+        )
     geometry = manifest["geometry"]
     n_csa = len(geometry["csa_layers"])
     if config.min_votes > n_csa:
@@ -213,9 +274,15 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
             logits = shard["logits"]  # [T_s, L, N]
             entry = torch.arange(logits.shape[-1])
             visible = entry[None, :] < ((positions + 1) // ratio)[:, None]  # [T_s, N]
-            golden = golden_entries(
-                logits, visible, top_p=config.top_p, min_votes=config.min_votes
-            )
+            if config.source == "attention":
+                golden = golden_entries_from_attention(
+                    shard["attention"], visible, top_p=config.top_p,
+                    min_votes=config.min_votes,
+                )
+            else:
+                golden = golden_entries(
+                    logits, visible, top_p=config.top_p, min_votes=config.min_votes
+                )
             # position p is served by the window whose query q_w satisfies q_w < p <= q_w + tau
             window = torch.div(positions - prompt_tokens - 1, config.tau, rounding_mode="floor")
             for w in torch.unique(window).tolist():
@@ -236,6 +303,7 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
         "top_p": config.top_p,
         "min_votes": config.min_votes,
         "tau": config.tau,
+        "source": config.source,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     summary = {
@@ -264,10 +332,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tau", type=int, default=defaults.tau,
         help="lookahead window in decode steps, Eq. 11 (default: %(default)s)",
     )
+    parser.add_argument(
+        "--source", choices=LABEL_SOURCES, default=defaults.source,
+        help="nucleus over the native indexer's softmax (the paper's) or over the main "
+        "attention (needs `harvest --attention`) (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    config = LabelConfig(top_p=args.top_p, min_votes=args.min_votes, tau=args.tau)
+    config = LabelConfig(top_p=args.top_p, min_votes=args.min_votes, tau=args.tau,
+                         source=args.source)
     summary = label_harvest(args.harvest_dir, config)
     print(
         f"labelled {summary['documents']} documents, {summary['windows']} windows: "
