@@ -240,7 +240,19 @@ def test_label_harvest_streams_shards_like_one_call(tmp_path):
     assert torch.equal(out["golden"][1], golden[(positions > 56) & (positions <= 72)].any(0))
     assert not torch.equal(golden_labels(logits, visible, tau=16), expected)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["labels"] == {"top_p": 0.6, "min_votes": 3, "tau": 16, "source": "indexer"}
+    assert manifest["labels"] == {"top_p": 0.6, "min_votes": 3, "tau": 16,
+                                  "source": "indexer", "layers": [0, 1, 2]}
+    # --layers 0 --min-votes 1: only the first CSA layer's nucleus decides.
+    label_harvest(tmp_path, LabelConfig(tau=16, min_votes=1, layers=(0,)), progress=False)
+    one = load_file(str(tmp_path / "doc00000" / "labels.safetensors"))["golden"]
+    assert torch.equal(one, golden_labels(logits[1:, :1], visible[1:], min_votes=1, tau=16))
+    assert json.loads((tmp_path / "manifest.json").read_text())["labels"]["layers"] == [0]
+    with pytest.raises(ValueError, match="names a CSA layer the harvested model lacks"):
+        label_harvest(tmp_path, LabelConfig(tau=16, min_votes=1, layers=(3,)), progress=False)
+    with pytest.raises(ValueError, match="exceeds the 1 voting layers"):
+        LabelConfig(layers=(0,))
+    with pytest.raises(ValueError, match="distinct CSA layer indices"):
+        LabelConfig(min_votes=1, layers=(0, 0))
 
 
 def test_label_harvest_refuses_missing_and_foreign_dirs(tmp_path):

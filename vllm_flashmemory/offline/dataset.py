@@ -136,7 +136,7 @@ class HarvestManifest:
             geometry=HarvestGeometry.from_json(m["geometry"], _model_config(m)),
             documents=docs,
             # Labels written before --source existed came from the native indexer.
-            labels={"source": "indexer", **m["labels"]} if m.get("labels") else {},
+            labels=_label_settings(m),
         )
 
     def labelled_documents(self) -> list[DocumentInfo]:
@@ -303,6 +303,16 @@ def split_documents(
     random.Random(seed).shuffle(order)
     n_val = min(len(order) - 1, max(1, round(val_fraction * len(order))))
     return order[n_val:], order[:n_val]
+
+
+def _label_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """manifest["labels"] with the defaults of keys older harvests lack: labels came
+    from the native indexer with every CSA layer voting."""
+    labels = manifest.get("labels")
+    if not labels:
+        return {}
+    n_csa = len(manifest["geometry"]["csa_layers"])
+    return {"source": "indexer", "layers": list(range(n_csa)), **labels}
 
 
 def _model_config(manifest: dict[str, Any]) -> dict[str, Any] | None:

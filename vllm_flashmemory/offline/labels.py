@@ -9,6 +9,12 @@ entries in 3 of 16 4K documents, while the attention that produced the answer si
 on the needle; the `oracle` rows of `flashmemory eval`, which rank by that attention,
 keep full accuracy at 3% of the history (docs/RESULTS.md).
 
+`--layers` restricts the vote to some CSA layers (indices among them). On the same
+backbone only the first CSA layer retrieves: it puts 50-60% of its attention on the
+needle at every answer position, while the other two read the sink, recent entries
+and the same few structural spots in every document, so a vote that needs them
+finds nothing (0.1 golden entries per window with all three and min_votes 3).
+
 `golden_labels` is the public contract; `flashmemory label` streams it over
 harvested shards (docs/DATA_FORMAT.md) and writes `labels.safetensors` per document.
 
@@ -53,9 +59,25 @@ class LabelConfig:
     # indexer's logits, the paper's Eq. 7) or "attention" (the main attention's
     # probability on each compressed entry; needs `harvest --attention`).
     source: str = "indexer"
+    # CSA layers (indices among them) whose nuclei vote, Eq. 9; None = every one.
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_label_args(self.top_p, self.min_votes, self.tau)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+            if not self.layers or len(set(self.layers)) != len(self.layers) or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers
+            ):
+                raise ValueError(
+                    f"layers={list(self.layers)!r} must list distinct CSA layer indices "
+                    "(0 = the first CSA layer), e.g. 0 or 0,1,2."
+                )
+            if self.min_votes > len(self.layers):
+                raise ValueError(
+                    f"min_votes={self.min_votes} exceeds the {len(self.layers)} voting "
+                    f"layers {list(self.layers)}; use --min-votes {len(self.layers)} or less."
+                )
         if self.source not in LABEL_SOURCES:
             raise ValueError(
                 f"source={self.source!r} is not a label source; use 'indexer' (the "
@@ -247,6 +269,12 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
         )
     geometry = manifest["geometry"]
     n_csa = len(geometry["csa_layers"])
+    voting = list(config.layers) if config.layers is not None else list(range(n_csa))
+    if max(voting) >= n_csa:
+        raise ValueError(
+            f"--layers {voting} names a CSA layer the harvested model lacks: it has "
+            f"{n_csa} (indices 0..{n_csa - 1})."
+        )
     if config.min_votes > n_csa:
         raise ValueError(
             f"min_votes={config.min_votes} exceeds the {n_csa} CSA layers of the "
@@ -276,12 +304,13 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
             visible = entry[None, :] < ((positions + 1) // ratio)[:, None]  # [T_s, N]
             if config.source == "attention":
                 golden = golden_entries_from_attention(
-                    shard["attention"], visible, top_p=config.top_p,
+                    shard["attention"][:, voting], visible, top_p=config.top_p,
                     min_votes=config.min_votes,
                 )
             else:
                 golden = golden_entries(
-                    logits, visible, top_p=config.top_p, min_votes=config.min_votes
+                    logits[:, voting], visible, top_p=config.top_p,
+                    min_votes=config.min_votes,
                 )
             # position p is served by the window whose query q_w satisfies q_w < p <= q_w + tau
             window = torch.div(positions - prompt_tokens - 1, config.tau, rounding_mode="floor")
@@ -304,6 +333,7 @@ def label_harvest(root: str | Path, config: LabelConfig, *, progress: bool = Tru
         "min_votes": config.min_votes,
         "tau": config.tau,
         "source": config.source,
+        "layers": voting,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     summary = {
@@ -333,6 +363,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lookahead window in decode steps, Eq. 11 (default: %(default)s)",
     )
     parser.add_argument(
+        "--layers", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
+        help="comma-separated CSA layer indices whose nuclei vote (default: all)",
+    )
+    parser.add_argument(
         "--source", choices=LABEL_SOURCES, default=defaults.source,
         help="nucleus over the native indexer's softmax (the paper's) or over the main "
         "attention (needs `harvest --attention`) (default: %(default)s)",
@@ -341,7 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = LabelConfig(top_p=args.top_p, min_votes=args.min_votes, tau=args.tau,
-                         source=args.source)
+                         source=args.source, layers=args.layers)
     summary = label_harvest(args.harvest_dir, config)
     print(
         f"labelled {summary['documents']} documents, {summary['windows']} windows: "
