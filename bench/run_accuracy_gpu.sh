@@ -10,7 +10,8 @@
 #   bucket is <= RESIDENT_TARGET.
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
 #   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags;
-#   LABELS=attention harvests with --attention and labels with --source attention.
+#   LABELS=attention harvests with --attention and labels with --source attention;
+#   LABEL_ARGS="--layers 0 --min-votes 1" adds `flashmemory label` flags.
 #   EVAL_ARGS="--local-window-tokens 1024 --chunk-tokens 32" fixes the window and chunk
 #   in tokens at every length (the paper's protocol divided by 8; docs/RESULTS.md).
 set -uo pipefail
@@ -59,7 +60,7 @@ if [ -z "${INDEXER:-}" ]; then
     [ "${LABELS:-indexer}" = attention ] && HARVEST_CMD+=(--attention)
     if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -1
     else "${HARVEST_CMD[@]}" | tail -1; fi
-    $CLI label "$H" --source "${LABELS:-indexer}" | tail -1
+    $CLI label "$H" --source "${LABELS:-indexer}" ${LABEL_ARGS:-} | tail -1
     HARVESTS+=("$H")
   done
   echo "harvest done at $(( $(date +%s) - T0 )) s"
