@@ -131,30 +131,15 @@ def evaluate_thresholds(
     batch_windows: int = 64,
 ) -> list[EvalResult]:
     """evaluate_indexer at every threshold, scoring each window once."""
-    was_training = model.training
-    model.eval()
     overall = [Counts() for _ in thresholds]
     buckets: list[dict[str, Counts]] = [{} for _ in thresholds]
-    try:
-        for doc in documents:
-            for start in range(0, doc.n_windows, batch_windows):
-                sl = slice(start, start + batch_windows)
-                hidden = doc.hidden[sl].transpose(0, 1)  # [L, B, D]
-                scores = model(hidden, doc.positions[sl], doc.k_icomp).cpu()  # [L, B, N]
-                visible = (
-                    torch.arange(doc.k_icomp.shape[1])[None, :]
-                    < doc.n_visible[sl, None]
-                )
-                gold = doc.golden[sl] & visible
-                names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
-                for t, threshold in enumerate(thresholds):
-                    sel = select(scores, threshold, routing) & visible  # [B, N]
-                    counts = _batch_counts(sel, gold, visible, entries_per_chunk)
-                    for name, c in zip(names, counts):
-                        overall[t].add(c)
-                        buckets[t].setdefault(name, Counts()).add(c)
-    finally:
-        model.train(was_training)
+    for scores, visible, gold, names in _scored_batches(model, documents, batch_windows):
+        for t, threshold in enumerate(thresholds):
+            sel = select(scores, threshold, routing) & visible  # [B, N]
+            counts = _batch_counts(sel, gold, visible, entries_per_chunk)
+            for name, c in zip(names, counts):
+                overall[t].add(c)
+                buckets[t].setdefault(name, Counts()).add(c)
     results = []
     for threshold, total, per_bucket in zip(thresholds, overall, buckets):
         ordered = sorted(per_bucket.items(), key=lambda kv: bucket_sort_key(kv[0]))
@@ -215,50 +200,37 @@ def topk_sweep(
             raise ValueError(f"top-K fraction {f!r} must lie in (0, 1], e.g. 0.05.")
     # per fraction: name -> [windows, golden_chunks, hit_chunks, golden, covered, kept, vis_c]
     sums: list[dict[str, list[int]]] = [{} for _ in ordered]
-    was_training = model.training
-    model.eval()
-    try:
-        for doc in documents:
-            n = doc.k_icomp.shape[1]
-            for start in range(0, doc.n_windows, batch_windows):
-                sl = slice(start, start + batch_windows)
-                hidden = doc.hidden[sl].transpose(0, 1)  # [L, B, D]
-                scores = model(hidden, doc.positions[sl], doc.k_icomp)  # [L, B, N]
-                entry = combine_layers(scores, routing).float().cpu()  # [B, N]
-                vis = torch.arange(n)[None, :] < doc.n_visible[sl, None].cpu()  # [B, N]
-                gold = doc.golden[sl] & vis
-                entry = entry.masked_fill(~vis, float("-inf"))
-                n_chunks = -(-n // entries_per_chunk)
-                pad = n_chunks * entries_per_chunk - n
-                chunk_score = torch.nn.functional.pad(
-                    entry, (0, pad), value=float("-inf")
-                ).view(-1, n_chunks, entries_per_chunk).amax(2)  # [B, C]
-                gold_per_chunk = torch.nn.functional.pad(gold.long(), (0, pad)).view(
-                    -1, n_chunks, entries_per_chunk
-                ).sum(2)  # [B, C]
-                vis_c = entries_to_chunks(vis, entries_per_chunk).sum(1)  # [B]
-                order = chunk_score.argsort(dim=1, descending=True, stable=True)  # [B, C]
-                rank = order.argsort(dim=1, stable=True)  # rank of each chunk
-                names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
-                for t, f in enumerate(ordered):
-                    keep = (vis_c.float() * f).ceil().long().clamp(min=1)  # [B]
-                    kept = (rank < keep[:, None]) & (chunk_score > float("-inf"))
-                    rows = torch.stack([
-                        torch.ones_like(keep),
-                        (gold_per_chunk > 0).sum(1),
-                        ((gold_per_chunk > 0) & kept).sum(1),
-                        gold_per_chunk.sum(1),
-                        (gold_per_chunk * kept).sum(1),
-                        kept.sum(1),
-                        vis_c,
-                    ], dim=1)  # [B, 7]
-                    for name, row in zip(names, rows.tolist()):
-                        for key in ("overall", name):
-                            acc = sums[t].setdefault(key, [0] * 7)
-                            for i, v in enumerate(row):
-                                acc[i] += v
-    finally:
-        model.train(was_training)
+    for scores, vis, gold, names in _scored_batches(model, documents, batch_windows):
+        n = vis.shape[1]
+        entry = combine_layers(scores, routing).float().masked_fill(~vis, float("-inf"))
+        n_chunks = -(-n // entries_per_chunk)
+        pad = n_chunks * entries_per_chunk - n
+        chunk_score = torch.nn.functional.pad(entry, (0, pad), value=float("-inf")).view(
+            -1, n_chunks, entries_per_chunk
+        ).amax(2)  # [B, C]: a chunk scores its best entry
+        gold_per_chunk = torch.nn.functional.pad(gold.long(), (0, pad)).view(
+            -1, n_chunks, entries_per_chunk
+        ).sum(2)  # [B, C]
+        vis_c = entries_to_chunks(vis, entries_per_chunk).sum(1)  # [B]
+        order = chunk_score.argsort(dim=1, descending=True, stable=True)  # [B, C]
+        rank = order.argsort(dim=1, stable=True)  # rank of each chunk
+        for t, f in enumerate(ordered):
+            keep = (vis_c.float() * f).ceil().long().clamp(min=1)  # [B]
+            kept = (rank < keep[:, None]) & (chunk_score > float("-inf"))
+            rows = torch.stack([
+                torch.ones_like(keep),
+                (gold_per_chunk > 0).sum(1),
+                ((gold_per_chunk > 0) & kept).sum(1),
+                gold_per_chunk.sum(1),
+                (gold_per_chunk * kept).sum(1),
+                kept.sum(1),
+                vis_c,
+            ], dim=1)  # [B, 7]
+            for name, row in zip(names, rows.tolist()):
+                for key in ("overall", name):
+                    acc = sums[t].setdefault(key, [0] * 7)
+                    for i, v in enumerate(row):
+                        acc[i] += v
 
     def summary(c: list[int]) -> dict[str, float | int | None]:
         return {
@@ -277,6 +249,29 @@ def topk_sweep(
             "buckets": {k: summary(per[k]) for k in names},
         })
     return out
+
+
+def _scored_batches(
+    model: MemoryIndexer, documents: list[DocumentWindows], batch_windows: int
+):
+    """Held-out windows in batches, scored once in eval mode: yields scores [L, B, N]
+    (host), visible [B, N], golden & visible [B, N] and each window's bucket name."""
+    was_training = model.training
+    model.eval()
+    try:
+        for doc in documents:
+            for start in range(0, doc.n_windows, batch_windows):
+                sl = slice(start, start + batch_windows)
+                hidden = doc.hidden[sl].transpose(0, 1)  # [L, B, D]
+                scores = model(hidden, doc.positions[sl], doc.k_icomp).cpu()  # [L, B, N]
+                visible = (
+                    torch.arange(doc.k_icomp.shape[1])[None, :]
+                    < doc.n_visible[sl, None].cpu()
+                )
+                names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
+                yield scores, visible, doc.golden[sl] & visible, names
+    finally:
+        model.train(was_training)
 
 
 def _batch_counts(
