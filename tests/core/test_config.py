@@ -66,6 +66,8 @@ def test_unknown_lsa_key_is_refused_with_suggestion():
         (dict(sink_chunks=-1), ValueError, r"'lsa.sink_chunks'=-1"),
         (dict(cold_pool_gib=0), ValueError, r"'lsa.cold_pool_gib'=0 must be a positive"),
         (dict(max_selected_chunks=0), ValueError, r"'lsa.max_selected_chunks'=0"),
+        (dict(max_selected_fraction=0.0), ValueError, r"'lsa.max_selected_fraction'=0.0 must lie in \(0, 1\]"),
+        (dict(max_selected_fraction=1.5), ValueError, r"'lsa.max_selected_fraction'=1.5"),
         (dict(fallback_selected_fraction=0.0), ValueError, r"fallback_selected_fraction'=0.0"),
         (dict(indexer_path=3), TypeError, r"'lsa.indexer_path'=3 must be a directory"),
     ],

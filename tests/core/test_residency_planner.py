@@ -7,6 +7,7 @@ Scenarios:
   appending past a due refresh is refused;
 - incremental plans: the second refresh fetches and evicts only the difference;
 - cap (max_selected_chunks) keeps the highest scores, ties to the earlier chunk;
+  max_selected_fraction caps at max(1, round(f x historical)), the smaller cap wins;
 - fallback_selected_fraction: a too-large selection keeps the request whole for that
   refresh only, and is counted;
 - threshold 0: every chunk resident, nothing evicted, no fallback counted, cap ignored;
@@ -137,6 +138,22 @@ def test_cap_keeps_highest_scores() -> None:
     assert plan.selected_chunks == (3, 4)
     assert plan.target_chunks == (0, 3, 4)
     assert planner.stats().selected_chunks == 2
+
+
+@pytest.mark.parametrize(
+    "fraction, chunks, want",
+    [(0.3, None, (3, 4)), (0.01, None, (3,)), (1.0, 2, (3, 4)), (0.5, 3, (3, 4, 5))],
+)
+def test_fraction_cap_keeps_the_top_share(fraction, chunks, want) -> None:
+    """7 historical chunks: 0.3 -> round(2.1) = 2; 0.01 -> at least 1; with both caps
+    the smaller wins (1.0 -> 7 vs 2; 0.5 -> round(3.5) = 4 vs 3)."""
+    planner = ResidencyPlanner(TINY.replace(
+        local_window_tokens=0, threshold=0.001, max_selected_chunks=chunks,
+        max_selected_fraction=fraction,
+    ))
+    planner.add_request("r", 16 * 8)  # 8 complete chunks; historical 1..7
+    plan = planner.refresh("r", _scores(8, {1: 0.6, 3: 0.95, 4: 0.7, 5: 0.7, 7: 0.55}))
+    assert plan.selected_chunks == want
 
 
 def test_fallback_fraction_is_per_refresh_and_counted() -> None:

@@ -47,6 +47,10 @@ class LSAConfig:
     indexer_path: str | None = None
     # Optional cap on selected historical chunks per request (highest scores kept).
     max_selected_chunks: int | None = None
+    # The same cap as a share of the request's historical chunks, max(1, round(f * H));
+    # with a low threshold (e.g. 0.001) it is top-K selection, `lsa<pct>` of eval.
+    # Both caps set: the smaller wins.
+    max_selected_fraction: float | None = None
     # A selection covering more than this fraction of a request's historical
     # chunks keeps the request fully resident: offloading it saves too little.
     fallback_selected_fraction: float = 1.0
@@ -129,6 +133,15 @@ class LSAConfig:
                 self.max_selected_chunks,
                 minimum=1,
                 fix="use null for no cap",
+            )
+        cap = self.max_selected_fraction
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 < cap <= 1.0
+        ):
+            raise ValueError(
+                f"'lsa.max_selected_fraction'={cap!r} must lie in (0, 1]; e.g. 0.05 keeps "
+                "the 5% of historical chunks the Memory Indexer scores highest, or null "
+                "for no cap."
             )
         frac = self.fallback_selected_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (

@@ -181,6 +181,13 @@ class _Request:
     last_selection: frozenset[int] | None = None
 
 
+def keep_count(fraction: float, historical: int) -> int:
+    """Chunks a share `fraction` of `historical` chunks keeps: max(1, round(f * H)).
+    The one rounding of lsa.max_selected_fraction and of eval's random, oracle and
+    top-K lsa, so equal shares keep equal counts."""
+    return max(1, round(fraction * historical))
+
+
 def chunk_scores_from_entries(
     entry_scores: torch.Tensor, entries_per_chunk: int, n_chunks: int
 ) -> torch.Tensor:
@@ -626,15 +633,15 @@ class ResidencyPlanner:
             rank = [float(x) for x in counts.tolist()]
             picked = [i for i in req.historical if rank[i] > 0]
             self._counters.selected_entries += int(sum(rank[i] for i in req.historical))
+        caps = [cfg.max_selected_chunks] if cfg.max_selected_chunks is not None else []
+        if cfg.max_selected_fraction is not None:
+            caps.append(keep_count(cfg.max_selected_fraction, len(req.historical)))
         if cfg.threshold == 0:
             picked = list(req.historical)  # threshold 0 = everything, no cap
-        elif (
-            cfg.max_selected_chunks is not None
-            and len(picked) > cfg.max_selected_chunks
-        ):
+        elif caps and len(picked) > min(caps):
             # Highest scores first; ties go to the earlier chunk, deterministically.
             picked = sorted(picked, key=lambda i: (-rank[i], i))
-            picked = picked[: cfg.max_selected_chunks]
+            picked = picked[: min(caps)]
         return frozenset(picked), True
 
     def _release_plan(

@@ -50,6 +50,7 @@ from vllm_flashmemory.core.residency_planner import (
     RefreshPlan,
     ResidencyPlanner,
     chunk_scores_from_entries,
+    keep_count,
 )
 from vllm_flashmemory.core.rotation import hadamard_matrix, hadamard_rotate
 from vllm_flashmemory.reference.cache import LSACache, csa_layer_ids
@@ -64,7 +65,7 @@ _GIB = 1 << 30
 # scores are 1.0 (keep) or 0.0 (drop): any value in (0, 1] separates them.
 _FIXED_THRESHOLD = 0.5
 # Threshold of top-K lsa (`lsa<pct>`): every chunk the Memory Indexer scores above
-# zero is a candidate and the planner's cap (max_selected_chunks) keeps the K best;
+# zero is a candidate and the planner's cap (max_selected_fraction) keeps the K best;
 # 0 itself would mean "keep everything, no cap".
 _TOP_K_THRESHOLD = 1e-30
 
@@ -283,10 +284,7 @@ class ReferenceEngine:
             )
         t0 = time.perf_counter()
         cache: LSACache = copy.deepcopy(prefill.cache)
-        planner = ResidencyPlanner(
-            self._planner_config(spec, self._historical_count(prefill.prompt_tokens)),
-            self.geometry,
-        )
+        planner = ResidencyPlanner(self._planner_config(spec), self.geometry)
         planner.add_request(_REQ, prefill.prompt_tokens)
         historical = planner.historical_chunks(_REQ)
         cold, hot = self._pools(cache, planner.total_chunks(_REQ), len(historical))
@@ -364,33 +362,23 @@ class ReferenceEngine:
 
     # ---- internals --------------------------------------------------------------
 
-    def _planner_config(self, spec: MethodSpec, historical: int) -> LSAConfig:
+    def _planner_config(self, spec: MethodSpec) -> LSAConfig:
         lsa = self.config.lsa
         method = spec.method
-        cap = None
         if method in (Method.FULL, Method.QUEST):
             # Everything stays in the cache; quest masks per step inside the forward.
             threshold = 0.0
         elif spec.top_k:
-            assert spec.fraction is not None
             threshold = _TOP_K_THRESHOLD
-            cap = _keep_count(spec.fraction, historical)
         elif method is Method.LSA:
             threshold = lsa.threshold
         else:
             threshold = _FIXED_THRESHOLD
         return lsa.replace(
-            threshold=threshold, max_selected_chunks=cap, fallback_selected_fraction=1.0
+            threshold=threshold, max_selected_chunks=None,
+            max_selected_fraction=spec.fraction if spec.top_k else None,
+            fallback_selected_fraction=1.0,
         )
-
-    def _historical_count(self, prompt_tokens: int) -> int:
-        """Historical chunks of a prompt, as the planner will count them."""
-        probe = ResidencyPlanner(self.config.lsa, self.geometry)
-        probe.add_request(_REQ, prompt_tokens)
-        try:
-            return len(probe.historical_chunks(_REQ))
-        finally:
-            probe.finish(_REQ)
 
     def _pools(
         self, cache: LSACache, total_chunks: int, historical: int
@@ -422,7 +410,7 @@ class ReferenceEngine:
         if not historical or method is Method.RECENCY:
             return scores
         assert spec.fraction is not None
-        keep = _keep_count(spec.fraction, len(historical))
+        keep = keep_count(spec.fraction, len(historical))
         if method is Method.RANDOM:
             gen = torch.Generator().manual_seed(self.config.seed)
             order = torch.randperm(len(historical), generator=gen)[:keep]
@@ -580,11 +568,6 @@ class _Counts:
     refreshes: int = 0
     fetched: int = 0
     evicted: int = 0
-
-
-def _keep_count(fraction: float, historical: int) -> int:
-    """Chunks a fixed-share method keeps: the same K for random, oracle and top-K lsa."""
-    return max(1, round(fraction * historical))
 
 
 def _chunk_sums(entry_values: torch.Tensor, entries_per_chunk: int) -> list[float]:
