@@ -185,6 +185,12 @@ def test_fixed_window_rows_and_resume_guard(tmp_path, stub_tasks, factory):
         _cfg(tmp_path, chunk_tokens=6)
 
 
+def test_tables_list_shares_in_budget_order():
+    labels = ["lsa10", "oracle10", "lsa3", "full", "lsa", "oracle3", "recency"]
+    assert sorted(labels, key=evaluate.method_sort_key) == [
+        "full", "lsa", "lsa3", "lsa10", "oracle3", "oracle10", "recency"]
+
+
 def test_foreign_json_is_refused(tmp_path, stub_tasks, factory):
     (tmp_path / "eval.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not a `flashmemory eval` results file"):

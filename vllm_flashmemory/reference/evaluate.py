@@ -599,13 +599,22 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
 # ---- report ---------------------------------------------------------------------------
 
 
+def method_sort_key(label: str) -> tuple[str, int]:
+    """Name first, then percent: lsa, lsa3, lsa10, oracle3 ... (tables read in budget order)."""
+    m = re.fullmatch(r"([a-z_]+?)(\d*)", label)
+    if m is None:
+        return (label, -1)
+    return (m.group(1), int(m.group(2)) if m.group(2) else -1)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
         f"{'task':<18}{'ctx':>7} {'method':<10}{'accuracy':>16}{'resident':>10}"
         f"{'kv_gpu MiB':>12}{'kv ratio':>10}{'n':>4}{'s/sample':>10}{'chunk':>7}{'local':>7}"
     )
     lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["task"], r["context_tokens"], r["method"])):
+    for r in sorted(rows, key=lambda r: (r["task"], r["context_tokens"],
+                                         method_sort_key(r["method"]))):
         acc = f"{r['accuracy']:.3f}±{r['accuracy_stderr']:.3f}"
         lines.append(
             f"{r['task']:<18}{r['context_tokens']:>7} {r['method']:<10}{acc:>16}"
@@ -629,7 +638,7 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> P
     for r in rows:
         groups.setdefault((r["method"], r["context_tokens"]), []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({m for m, _ in groups}):
+    for method in sorted({m for m, _ in groups}, key=method_sort_key):
         pts = sorted((ctx, g) for (m, ctx), g in groups.items() if m == method)
         xs = [100 * sum(r["kv_bytes_gpu"] / r["kv_bytes_full"] for r in g) / len(g) for _, g in pts]
         ys = [100 * sum(r["accuracy"] for r in g) / len(g) for _, g in pts]
