@@ -34,10 +34,12 @@ def test_extra_config_round_trip_and_foreign_keys():
         "lsa.threshold": 0.25,
         "lsa.indexer_layers": "1, 2",
         "lsa.cold_pool_gib": 2,
+        "lsa.max_selected_fraction": 0.03,  # top-K: 3% of each request's history
         "lmcache.chunk_size": 256,  # another connector's key: ignored
     }
     c = LSAConfig.from_extra_config(extra)
     assert (c.tau, c.threshold, c.indexer_layers, c.cold_pool_gib) == (32, 0.25, (1, 2), 2)
+    assert c.max_selected_fraction == 0.03
     assert LSAConfig.from_extra_config(c.to_extra_config()) == c
     assert LSAConfig.from_extra_config(None) == LSAConfig()
 
