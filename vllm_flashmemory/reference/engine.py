@@ -308,8 +308,7 @@ class ReferenceEngine:
             st.active = True
             st.quest = None
             counts = _Counts()
-            top_k = spec.top_k
-            self._refresh(planner, cache, cold, hot, method, fixed, counts, top_k)
+            self._refresh(planner, cache, cold, hot, method, fixed, counts)
             tokens = [prefill.first_token]
             footprints: list[Footprint] = []
             selected: list[int] = []
@@ -328,7 +327,7 @@ class ReferenceEngine:
                 tokens.append(int(ids))
                 planner.append_tokens(_REQ, 1)
                 if planner.needs_refresh(_REQ):
-                    self._refresh(planner, cache, cold, hot, method, fixed, counts, top_k)
+                    self._refresh(planner, cache, cold, hot, method, fixed, counts)
             if not footprints:  # answered by the prefill's token alone
                 fp, n_sel = self._footprint(planner, method, None, historical)
                 footprints.append(fp)
@@ -432,14 +431,14 @@ class ReferenceEngine:
         method: Method,
         fixed: torch.Tensor | None,
         counts: _Counts,
-        top_k: bool = False,
     ) -> None:
         if fixed is not None:
             n = planner.total_chunks(_REQ)
             scores = torch.zeros(n)
             scores[: min(n, fixed.numel())] = fixed[:n]
             plan = planner.refresh(_REQ, scores)
-        elif method is Method.LSA and top_k and planner.needs_scores(_REQ):
+        elif (method is Method.LSA and planner.needs_scores(_REQ)
+              and planner.config.max_selected_fraction is not None):  # top-K: rank scores
             entry_scores = self._lsa_entry_scores(planner, cache).float().cpu()  # [T]
             chunk_scores = chunk_scores_from_entries(
                 entry_scores, planner.config.entries_per_chunk,
