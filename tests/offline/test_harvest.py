@@ -260,6 +260,10 @@ def test_cuda_workers_split_the_gpu_memory():
     cpu = parser.parse_args(["--model", "m", "--out", "o", "--documents", "d.jsonl",
                              "--prompt-tokens", "8", "--workers", "4"])
     assert "--cuda-memory-fraction" not in worker_command(cpu, 0)
+    from vllm_flashmemory.dsv4.checkpoint import limit_cuda_memory
+
+    with pytest.raises(ValueError, match="--cuda-memory-fraction 1.5 must lie in"):
+        limit_cuda_memory(1.5, "cpu")  # a worker refuses a bad share before any work
 
 
 def test_worker_flag_is_validated():

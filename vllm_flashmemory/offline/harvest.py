@@ -36,7 +36,9 @@ from vllm_flashmemory.dsv4.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_device,
+    limit_cuda_memory,
     load_model_on,
+    worker_memory_fraction,
 )
 from vllm_flashmemory.offline.documents import Document, read_jsonl, synthetic_documents
 
@@ -363,9 +365,8 @@ def worker_command(args: argparse.Namespace, i: int) -> list[str]:
     if args.hidden_layers:
         cmd += ["--hidden-layers", *map(str, args.hidden_layers)]
     if args.device == "cuda":
-        # Without a cap each worker's caching allocator keeps what its longest document
-        # needed: at 16K one grew to 26.5 GiB and starved the rest of an H100 (OOM).
-        cmd += ["--cuda-memory-fraction", f"{0.9 / args.workers:.4f}"]
+        # Capped like eval's workers (dsv4.checkpoint.worker_memory_fraction says why).
+        cmd += ["--cuda-memory-fraction", f"{worker_memory_fraction(args.workers):.4f}"]
     return cmd
 
 
@@ -406,12 +407,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.workers, bool) or args.workers < 1:
         raise ValueError(f"--workers {args.workers!r} must be a positive integer.")
     worker = parse_worker(args.worker)
-    frac = getattr(args, "cuda_memory_fraction", None)
-    if frac is not None:
-        if not 0 < frac <= 1:
-            raise ValueError(f"--cuda-memory-fraction {frac!r} must lie in (0, 1].")
-        if cfg.device == "cuda":
-            torch.cuda.set_per_process_memory_fraction(frac)
+    limit_cuda_memory(args.cuda_memory_fraction, cfg.device)
     ids = tokenize_documents(cfg.model, docs, args.tokens)
     t0 = time.perf_counter()
     failures: list[str] = []

@@ -99,13 +99,12 @@ class EvalConfig:
     workers: int = 1
     # Only these (task, length) cells; None = every cell of tasks x lengths.
     cells: tuple[tuple[str, int], ...] | None = None
-    # Share of the GPU's memory this process may hold (None: no cap). Workers get
-    # 0.9 / workers: without a cap each one's caching allocator grew to 23.5 GiB on
-    # a 16K grid and three of them starved the rest (out of memory on an H100).
+    # Share of the GPU's memory this process may hold (None: no cap); workers get
+    # dsv4.checkpoint.worker_memory_fraction (why: see there).
     cuda_memory_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        from vllm_flashmemory.dsv4.checkpoint import check_device
+        from vllm_flashmemory.dsv4.checkpoint import check_device, check_memory_fraction
 
         check_device(self.device)
         if not self.tasks:
@@ -117,9 +116,7 @@ class EvalConfig:
             )
         if not self.methods:
             raise ValueError("--methods is empty; use e.g. full,lsa,recency,random,oracle,quest.")
-        frac = self.cuda_memory_fraction
-        if frac is not None and not 0 < frac <= 1:
-            raise ValueError(f"--cuda-memory-fraction {frac!r} must lie in (0, 1].")
+        check_memory_fraction(self.cuda_memory_fraction)
         for name in ("n", "tau", "max_new_tokens", "prefill_chunk_tokens", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -468,7 +465,9 @@ def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str
         if number is not None:
             cmd += [flag, str(number)]
     if cfg.device == "cuda":
-        cmd += ["--cuda-memory-fraction", f"{0.9 / cfg.workers:.4f}"]
+        from vllm_flashmemory.dsv4.checkpoint import worker_memory_fraction
+
+        cmd += ["--cuda-memory-fraction", f"{worker_memory_fraction(cfg.workers):.4f}"]
     for flag, value in (("--model", cfg.model), ("--indexer", cfg.indexer),
                         ("--task-file", cfg.task_file)):
         if value is not None:
@@ -563,7 +562,7 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
     from transformers import AutoTokenizer
 
     from vllm_flashmemory.core.memory_indexer import MemoryIndexer
-    from vllm_flashmemory.dsv4.checkpoint import load_model_on
+    from vllm_flashmemory.dsv4.checkpoint import limit_cuda_memory, load_model_on
     from vllm_flashmemory.reference.engine import EngineConfig, ReferenceEngine
 
     model_path, indexer_path = resolve_model_paths(cfg.model, cfg.indexer)
@@ -575,8 +574,7 @@ def _default_engine(cfg: EvalConfig, needs_indexer: bool, print_fn):
         )
     print_fn(f"model {model_path}, indexer {indexer_path}, device {cfg.device}")
     torch.manual_seed(cfg.seed)
-    if cfg.device == "cuda" and cfg.cuda_memory_fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(cfg.cuda_memory_fraction)
+    limit_cuda_memory(cfg.cuda_memory_fraction, cfg.device)
     model = load_model_on(model_path, cfg.device)
     indexer = (
         MemoryIndexer.load(indexer_path, map_location=cfg.device)
