@@ -124,6 +124,99 @@ def test_dense_recall_answers_copy_earlier_values(seed):
     assert all(values[k] == v for k, v in asked)
 
 
+
+def _answer_spans(ex: bb.Example) -> list[str]:
+    """Each answer span of a dense row, decoded (spans end with a newline)."""
+    spans, cur = [], []
+    for i, m in zip(ex.ids, ex.answer_mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(bb.decode(cur))
+            cur = []
+    return spans + ([bb.decode(cur)] if cur else [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_multi_answers_every_asked_value_in_needle_order(seed):
+    ex = bb.make_dense_multi(random.Random(seed), 4096)
+    assert len(ex.ids) == len(ex.answer_mask) == 4096
+    text = bb.decode(ex.ids)
+    needles = re.findall(r"^One of the special magic (\w+) for (\S+) is: (\S+)\.$", text, re.M)
+    kind = needles[0][0]
+    assert kind in ("numbers", "uuids", "codes") and {k for k, _, _ in needles} == {kind}
+    order = [v for _, _, v in needles]
+    pairs = {(k, v) for _, k, v in needles}
+    qa = re.findall(
+        r"^What .*? The special magic \w+ for (.+?) mentioned in the provided text "
+        r"(?:is|are)( .*\.\n)", text, re.M,
+    )
+    spans = _answer_spans(ex)
+    assert len(qa) >= 3 and [a for _, a in qa] == spans[: len(qa)]  # masks = answers
+    n_multi = 0
+    for keys_text, answer in qa:
+        keys = re.split(r", and |, ", keys_text)
+        want = [v for v in order if any((k, v) in pairs for k in keys)]
+        assert answer == " " + ", ".join(want) + ".\n"
+        n_multi += len(want) > 1
+    if kind == "codes":
+        assert all(re.fullmatch(r"[A-Z0-9]{8}", v) for v in order)
+    assert n_multi >= 1  # some question takes more than one value
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_chains_answer_by_following_the_assignments(seed):
+    ex = bb.make_dense_chains(random.Random(seed), 4096)
+    assert len(ex.ids) == len(ex.answer_mask) == 4096
+    text = bb.decode(ex.ids)
+    value_of = dict(re.findall(r"^VAR ([A-Z]{5}) = (\d{5})$", text, re.M))
+    parent = dict(re.findall(r"^VAR ([A-Z]{5}) = VAR ([A-Z]{5}) $", text, re.M))
+    asked = re.findall(r"are assgined the value (\d{5}), they are: ", text)
+    spans = [s for s in _answer_spans(ex) if s.endswith("\n")]
+    assert len(spans) >= 4
+    for value, span in zip(asked, spans):
+        names = span.split()
+        assert value_of[names[0]] == value
+        assert all(parent[b] == a for a, b in zip(names, names[1:]))
+        # the chain is complete: nothing else is assigned its last name
+        assert names[-1] not in parent.values()
+    # no question repeats the one just before it (its answer would sit in the window)
+    assert all(a != b for a, b in zip(asked, asked[1:]))
+
+
+def test_task_weights_steer_the_ruler_rows():
+    rng = random.Random(0)
+    only_vt = tuple((t, 0.0) for t in tasks.TASKS if t != "vt")
+    for _ in range(3):
+        ex = bb.make_task_row(rng, 2048, weights=only_vt)
+        assert "variables are assgined the value" in bb.decode(ex.ids)
+    with pytest.raises(ValueError, match="task weight vtt:2"):
+        bb.Mixture(task_weights=(("vtt", 2.0),))
+    with pytest.raises(ValueError, match="task weight vt:-1"):
+        bb.Mixture(task_weights=(("vt", -1.0),))
+    with pytest.raises(ValueError, match="all 0"):
+        bb.Mixture(task_weights=tuple((t, 0.0) for t in tasks.TASKS))
+    with pytest.raises(ValueError, match="chains_fraction=0.3"):
+        bb.Mixture(text=0.4, dense=0.4, chains=0.3)
+    with pytest.raises(ValueError, match="dense_multi_fraction=1.5"):
+        bb.BackboneTrainConfig(out="x", dense_multi_fraction=1.5)
+
+
+def test_new_row_kinds_leave_the_earlier_stages_rows_unchanged():
+    """With chains, dense_multi and task_weights at their defaults, make_example
+    draws exactly what it drew before they existed: the committed stages' commands
+    replay. The digest was taken from the code before the new kinds (fd79414)."""
+    import hashlib
+
+    h, rng = hashlib.sha256(), random.Random(11)
+    for length in (1024, 2048):
+        for _ in range(20):
+            ex = bb.make_example(rng, length, bb.Mixture(text=0.1, dense=0.5, copy=0.1))
+            h.update(str(ex.ids).encode())
+            h.update(str(ex.answer_mask).encode())
+    assert h.hexdigest() == "7f7eed0c74653330237e39e653e91af03f593aebc6634d29813ec18f80a373cc"
+
+
 @pytest.mark.parametrize("length", [512, 1024, 2048])
 def test_copy_rows_repeat_each_string_beyond_the_window(length):
     ex = bb.make_copy(random.Random(length), length)
@@ -168,9 +261,15 @@ def test_cli_flags_are_the_config_fields():
     bb.add_arguments(parser)
     args = parser.parse_args(
         ["--out", "o", "--curriculum", "512:0.25", "1024:0.75", "--copy-fraction",
-         "0.3", "--no-slot-init", "--compile", "--eval-lengths", "4096"]
+         "0.3", "--no-slot-init", "--compile", "--eval-lengths", "4096",
+         "--task-weights", "vt:3", "cwe:0", "--chains-fraction", "0.2"]
     )
     cfg = bb.config_from_args(args)
+    assert cfg.task_weights == (("vt", 3.0), ("cwe", 0.0)) and cfg.chains_fraction == 0.2
+    assert cfg.mixture.task_weights == cfg.task_weights
+    bad = parser.parse_args(["--out", "o", "--task-weights", "vt"])
+    with pytest.raises(ValueError, match=r"--task-weights \['vt'\]: write TASK:WEIGHT"):
+        bb.config_from_args(bad)
     assert cfg.curriculum == ((512, 0.25), (1024, 0.75))
     assert (cfg.copy_fraction, cfg.slot_init, cfg.compile) == (0.3, False, True)
     assert cfg.eval_lengths == (4096,)

@@ -29,6 +29,7 @@ import logging
 import math
 import random
 import shlex
+import string
 import sys
 import time
 from dataclasses import dataclass, field
@@ -272,14 +273,18 @@ def _pad(ids: list[int], mask: list[bool], length: int) -> Example:
     )
 
 
-def make_dense_recall(rng: random.Random, length: int) -> Example:
+def make_dense_recall(rng: random.Random, length: int, multi: float = 0.0) -> Example:
     """Associative recall in RULER's needle format: key-value needles, then many
     queries whose values are the answers (~20% answer tokens, against ~0.1% in a
     RULER row), so copying from far compressed entries is learned fast. A quarter of
     the queries restate the needle, the rest ask RULER's NIAH question: restated, the
     bytes before the value match the needle's and copying alone finds the first
     digit; asked RULER's way, only the key locates it (a model trained on
-    restatements got every digit but the first: teacher-forced 0.89, greedy 0/4)."""
+    restatements got every digit but the first: teacher-forced 0.89, greedy 0/4).
+    A share `multi` of rows are make_dense_multi's instead (no draw when 0, so the
+    stages trained before it replay exactly)."""
+    if multi > 0 and rng.random() < multi:
+        return make_dense_multi(rng, length)
     kind = rng.choice(("numbers", "numbers", "numbers", "uuids"))
     pairs, text = [], ""
     while len(text) < 0.4 * length:
@@ -288,18 +293,117 @@ def make_dense_recall(rng: random.Random, length: int) -> Example:
         pairs.append((key, value))
         text += tasks.NEEDLE.format(kind=kind, key=key, value=value) + "\n"
     ids, mask = encode(text), [False] * (len(text.encode()) + 1)
-    one = kind[:-1]
     while len(ids) < length:
         key, value = rng.choice(pairs)
         if rng.random() < 0.25:
             q = tasks.NEEDLE.format(kind=kind, key=key, value="")[:-2]
         else:
-            q = (
-                f"What is the special magic {one} for {key} mentioned in the provided "
-                f"text? The special magic {one} for {key} mentioned in the provided "
-                "text is"
-            )
+            q = tasks.niah_question(kind, [key], 1)[1:]
         q_ids, a = encode(q)[1:], encode(f" {value}.\n")[1:]
+        ids += q_ids + a
+        mask += [False] * len(q_ids) + [True] * len(a)
+    return _pad(ids, mask, length)
+
+
+def _dense_value(rng: random.Random, kind: str) -> str:
+    """Code words: no_context's answers and vt's names are capitals (and digits),
+    which numbers, uuids and essay text almost never hold."""
+    return tasks.random_code(rng) if kind == "codes" else tasks.random_value(rng, kind)
+
+
+def make_dense_multi(rng: random.Random, length: int) -> Example:
+    """Dense recall in the multi-answer forms (niah_multivalue, niah_multiquery):
+    a key holds 1-4 values, a question asks 1-4 keys, and the answer lists every
+    value asked in needle order, as answer_text orders a RULER row. Values are
+    numbers, uuids or 8-character code words."""
+    kind = rng.choice(("numbers", "numbers", "uuids", "codes"))
+    values_of: dict[str, list[str]] = {}
+    needles: list[tuple[str, str]] = []
+    size = 0
+    while size < 0.4 * length:
+        key = tasks.random_key_word(rng)
+        if key in values_of:
+            continue
+        values_of[key] = [_dense_value(rng, kind) for _ in range(rng.choice((1, 1, 2, 3, 4)))]
+        needles += [(key, v) for v in values_of[key]]
+        size += sum(len(tasks.NEEDLE) + len(key) + len(v) for v in values_of[key])
+    rng.shuffle(needles)
+    order = {v: i for i, (_, v) in enumerate(needles)}
+    text = "".join(tasks.NEEDLE.format(kind=kind, key=k, value=v) + "\n" for k, v in needles)
+    ids, mask = encode(text), [False] * (len(text.encode()) + 1)
+    keys = list(values_of)
+    while len(ids) < length:
+        asked = rng.sample(keys, min(rng.choice((1, 1, 2, 3, 4)), len(keys)))
+        answers = sorted((v for k in asked for v in values_of[k]), key=order.__getitem__)
+        q_ids = encode(tasks.niah_question(kind, asked, len(answers))[1:])[1:]
+        a = encode(" " + ", ".join(answers) + ".\n")[1:]
+        ids += q_ids + a
+        mask += [False] * len(q_ids) + [True] * len(a)
+    return _pad(ids, mask, length)
+
+
+def make_dense_chains(rng: random.Random, length: int) -> Example:
+    """Variable tracking, dense: chains of 1-4 hops (vt's 5-capital names) merged
+    line by line, a NOISE line after ~30% of them, over ~half the row; then
+    RULER's vt question for each chain's value in turn (a shuffled order, so no
+    answer sits in the window to be copied), answered by the chain's names. Each
+    hop is a lookup keyed by the name just written ("= VAR <name>"), so the answer
+    exercises retrieval once per name instead of once per row."""
+    chains: list[tuple[list[str], list[str]]] = []
+    used_names: set[str] = set()
+    used_values: set[str] = set()
+    size = 0
+    while size < 0.45 * length:
+        names, lines = tasks.vt_chain(rng, 5, rng.choice((1, 2, 3, 4, 4, 4)))
+        value = lines[0].split("=")[-1].strip()
+        if used_names & set(names) or value in used_values:
+            continue  # a name or value in two chains would make two right answers
+        used_names |= set(names)
+        used_values.add(value)
+        chains.append((names, lines))
+        size += sum(len(x) + 1 for x in lines) + 0.3 * len(tasks.NOISE) * len(lines)
+    pending = [list(lines) for _, lines in chains]
+    body = []
+    while any(pending):  # a random merge that keeps every chain in order
+        lines = rng.choice([p for p in pending if p])
+        body.append(lines.pop(0))
+        if rng.random() < 0.3:
+            body.append(tasks.NOISE)
+    text = (
+        "Memorize and track the chain(s) of variable assignment hidden in the "
+        "following text.\n\n" + "\n".join(body) + "\n"
+    )
+    ids, mask = encode(text), [False] * (len(text.encode()) + 1)
+    queue: list[tuple[list[str], list[str]]] = []
+    while len(ids) < length:
+        if not queue:
+            queue = rng.sample(chains, len(chains))
+        names, lines = queue.pop()
+        value = lines[0].split("=")[-1].strip()
+        q_ids = encode(tasks.vt_question(value, len(names)))[1:]
+        a = encode(" ".join(names) + "\n")[1:]
+        ids += q_ids + a
+        mask += [False] * len(q_ids) + [True] * len(a)
+    return _pad(ids, mask, length)
+
+
+def make_dense_echo(rng: random.Random, length: int) -> Example:
+    """The no_context case, dense: a stretch of essay (100-600 bytes), then its
+    question quoting a code word, answered by that word; again to the row's end.
+    The answer sits in the sliding window, a copy no other row teaches: every far
+    copy goes through CSA entries, and the stage-6 backbone got 0 of 6 code words
+    right even teacher-forced."""
+    words = tasks.essay_words()
+    ids, mask = [BOS_ID], [False]
+    while len(ids) < length:
+        start, text = rng.randrange(len(words)), ""
+        target = rng.randint(100, 600)
+        while len(text) < target:
+            text += words[start % len(words)] + " "
+            start += 1
+        code = tasks.random_code(rng)
+        q_ids = encode(text.rstrip() + tasks.no_context_question(code))[1:]
+        a = encode(f" {code}.\n")[1:]
         ids += q_ids + a
         mask += [False] * len(q_ids) + [True] * len(a)
     return _pad(ids, mask, length)
@@ -324,10 +428,22 @@ def make_copy(rng: random.Random, length: int) -> Example:
     return _pad(ids, mask, length)
 
 
-def make_task_row(rng: random.Random, length: int, task: str | None = None) -> Example:
-    """One RULER row (a random task unless named): prompt, then the trained answer."""
+def make_task_row(
+    rng: random.Random,
+    length: int,
+    task: str | None = None,
+    weights: tuple[tuple[str, float], ...] = (),
+) -> Example:
+    """One RULER row (a random task unless named; `weights` (task, weight) pairs
+    reweigh the draw, unnamed tasks at 1): prompt, then the trained answer."""
     while True:  # a task whose smallest prompt exceeds `length` is redrawn
-        name = task or rng.choice(tasks.TASKS)
+        if task:
+            name = task
+        elif weights:
+            w = dict(weights)
+            name = rng.choices(tasks.TASKS, [w.get(t, 1.0) for t in tasks.TASKS])[0]
+        else:
+            name = rng.choice(tasks.TASKS)
         try:
             sample = tasks.generate(
                 name, length, 1, rng.randrange(10**6, 10**9), count_tokens
@@ -348,15 +464,34 @@ class Mixture:
     text: float = 0.1
     dense: float = 0.4
     copy: float = 0.0
+    chains: float = 0.0  # make_dense_chains (vt)
+    echo: float = 0.0  # make_dense_echo (no_context)
+    dense_multi: float = 0.0  # share of dense rows in make_dense_multi's forms
+    task_weights: tuple[tuple[str, float], ...] = ()  # RULER rows: (task, weight)
 
     def __post_init__(self) -> None:
-        parts = (self.text, self.dense, self.copy)
+        parts = (self.text, self.dense, self.copy, self.chains, self.echo)
         if min(parts) < 0 or sum(parts) > 1 + 1e-9:
             raise ValueError(
                 f"text_fraction={self.text}, dense_fraction={self.dense}, "
-                f"copy_fraction={self.copy}: each must be >= 0 and together <= 1 "
+                f"copy_fraction={self.copy}, chains_fraction={self.chains}, "
+                f"echo_fraction={self.echo}: each must be >= 0 and together <= 1 "
                 "(RULER task rows take the rest)."
             )
+        if not 0 <= self.dense_multi <= 1:
+            raise ValueError(
+                f"dense_multi_fraction={self.dense_multi} must be in [0, 1]; use 0.5."
+            )
+        for task, weight in self.task_weights:
+            if task not in tasks.TASKS or not weight >= 0:
+                raise ValueError(
+                    f"task weight {task}:{weight}: name one of {list(tasks.TASKS)} "
+                    "with a weight >= 0 (e.g. vt:3)."
+                )
+        if self.task_weights and not sum(
+            dict(self.task_weights).get(t, 1.0) for t in tasks.TASKS
+        ):
+            raise ValueError("task_weights are all 0: give some task a weight > 0.")
 
 
 def make_example(rng: random.Random, length: int, mix: Mixture) -> Example:
@@ -369,10 +504,14 @@ def make_example(rng: random.Random, length: int, mix: Mixture) -> Example:
         ids = encode(text)
         return _pad(ids, [False] * len(ids), length)
     if u < mix.text + mix.dense:
-        return make_dense_recall(rng, length)
+        return make_dense_recall(rng, length, mix.dense_multi)
     if u < mix.text + mix.dense + mix.copy:
         return make_copy(rng, length)
-    return make_task_row(rng, length)
+    if u < mix.text + mix.dense + mix.copy + mix.chains:
+        return make_dense_chains(rng, length)
+    if u < mix.text + mix.dense + mix.copy + mix.chains + mix.echo:
+        return make_dense_echo(rng, length)
+    return make_task_row(rng, length, weights=mix.task_weights)
 
 
 class TaskStream(torch.utils.data.IterableDataset):
@@ -462,6 +601,20 @@ class BackboneTrainConfig:
     copy_fraction: float = field(
         default=0.0, metadata=_opt("share of string-copy rows (make_copy)")
     )
+    chains_fraction: float = field(
+        default=0.0, metadata=_opt("share of variable-tracking rows (make_dense_chains)")
+    )
+    echo_fraction: float = field(
+        default=0.0, metadata=_opt("share of code-word echo rows (make_dense_echo)")
+    )
+    dense_multi_fraction: float = field(
+        default=0.0,
+        metadata=_opt("share of dense rows in the multi-value/multi-query forms (make_dense_multi)"),
+    )
+    task_weights: tuple[tuple[str, float], ...] = field(
+        default=(),
+        metadata=_opt("RULER rows: draw weights, others 1 (e.g. vt:3 cwe:0)", metavar="TASK:W"),
+    )
     # Loss = CE(answer) + context_weight x CE(context): answers are ~0.1% of a RULER row.
     context_weight: float = field(default=0.1, metadata=_opt("weight of non-answer tokens"))
     lead_weight: float = field(
@@ -535,7 +688,15 @@ class BackboneTrainConfig:
 
     @property
     def mixture(self) -> Mixture:
-        return Mixture(self.text_fraction, self.dense_fraction, self.copy_fraction)
+        return Mixture(
+            self.text_fraction,
+            self.dense_fraction,
+            self.copy_fraction,
+            self.chains_fraction,
+            self.echo_fraction,
+            self.dense_multi_fraction,
+            self.task_weights,
+        )
 
 
 class Log:
@@ -558,7 +719,20 @@ def _lr(step: int, frac: float, cfg: BackboneTrainConfig, base: float) -> float:
 
 # Probe rows: teacher-forced, so a retrieval skill shows minutes before greedy eval
 # would; "row_exact" (every answer token right) is what greedy scoring needs.
-PROBE_KINDS = ("copy", "dense", "niah_single_1", "niah_multikey_2", "vt")
+PROBE_KINDS = (
+    "copy",
+    "dense",
+    "niah_single_1",
+    "niah_multikey_2",
+    "vt",
+    # appended, so the kinds above keep their rows
+    "dense_multi",
+    "chains",
+    "niah_multivalue",
+    "niah_multiquery",
+    "no_context",
+    "echo",
+)
 PROBE_SEED = 20261124  # disjoint from training rows (seeded by string) and eval
 
 
@@ -567,6 +741,9 @@ def probe_rows(length: int, n: int) -> dict[str, list[Example]]:
     make = {
         "copy": lambda: make_copy(rng, length),
         "dense": lambda: make_dense_recall(rng, length),
+        "dense_multi": lambda: make_dense_multi(rng, length),
+        "chains": lambda: make_dense_chains(rng, length),
+        "echo": lambda: make_dense_echo(rng, length),
     }
     out = {}
     for kind in PROBE_KINDS:
@@ -1045,7 +1222,21 @@ def _flag_value(f: dataclasses.Field, raw):
         return tuple((int(c.split(":")[0]), float(c.split(":")[1])) for c in raw)
     if f.name == "eval_lengths":
         return tuple(int(x) for x in raw)
+    if f.name == "task_weights":
+        pairs = [c.rpartition(":") for c in raw]
+        bad = [c for c, (t, _, w) in zip(raw, pairs) if not t or not _is_float(w)]
+        if bad:
+            raise ValueError(f"--task-weights {bad}: write TASK:WEIGHT, e.g. vt:3.")
+        return tuple((t, float(w)) for t, _, w in pairs)
     return raw
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1061,6 +1252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw.update(nargs="+", default=[f"{n}:{fr}" for n, fr in default])
         elif f.name == "eval_lengths":
             kw.update(nargs="+", type=int)
+        elif f.name == "task_weights":
+            kw.update(nargs="+", default=[])
         else:
             kw["type"] = type(default)
         if not kw.get("required"):

@@ -229,20 +229,10 @@ def _niah(spec: NiahSpec, rng: random.Random, size: int) -> tuple[str, str, list
     asked = rng.sample(range(n_keys), spec.n_queries)
     queries = [keys[i] for i in asked]
     answers = [v for i in asked for v in values[i]]
-    query = (
-        ", ".join(queries[:-1]) + ", and " + queries[-1]
-        if len(queries) > 1
-        else queries[0]
-    )
     kind = spec.value_kind
     head = (
         f"Some special magic {kind} are hidden within the following text. Make "
         f"sure to memorize it. I will quiz you about the {kind} afterwards.\n"
-    )
-    ask = (
-        f"\nWhat are all the special magic {kind} for {query} mentioned in the "
-        f"provided text? The special magic {kind} for {query} mentioned in the "
-        "provided text are"
     )
     if len(answers) == 1:  # RULER's singular rewrite of the template
         kind1 = kind[:-1]
@@ -250,21 +240,47 @@ def _niah(spec: NiahSpec, rng: random.Random, size: int) -> tuple[str, str, list
             f"magic {kind} are", f"magic {kind1} is"
         )
         head = head.replace(f"the {kind} afterwards", f"the {kind1} afterwards")
-        ask = (
+    ask = niah_question(kind, queries, len(answers))
+    return head + context, ask, answers
+
+
+def niah_question(kind: str, keys: Sequence[str], n_answers: int) -> str:
+    """RULER's NIAH question for `keys` (joined "a, b, and c"), ending with its answer
+    prefix; singular when one value answers it."""
+    query = ", ".join(keys[:-1]) + ", and " + keys[-1] if len(keys) > 1 else keys[0]
+    if n_answers == 1:
+        kind1 = kind[:-1]
+        return (
             f"\nWhat is the special magic {kind1} for {query} mentioned in the "
             f"provided text? The special magic {kind1} for {query} mentioned in "
             "the provided text is"
         )
-    return head + context, ask, answers
+    return (
+        f"\nWhat are all the special magic {kind} for {query} mentioned in the "
+        f"provided text? The special magic {kind} for {query} mentioned in the "
+        "provided text are"
+    )
+
+
+def vt_question(value: str, n_names: int) -> str:
+    """RULER's variable-tracking question and answer prefix (its "assgined" kept)."""
+    return (
+        f"Question: Find all variables that are assigned the value {value} in the "
+        "text above. Answer: According to the chain(s) of variable assignment in "
+        f"the text above, {n_names} variables are assgined the value {value}, "
+        "they are: "
+    )
 
 
 def _noise_lines(size: int) -> list[str]:
     return [NOISE + "\n"] * size
 
 
-def _vt_chain(
+def vt_chain(
     rng: random.Random, letters: int, hops: int
 ) -> tuple[list[str], list[str]]:
+    """hops + 1 distinct names of `letters` capitals and their assignment lines:
+    a 5-digit value into the first, each next name assigned the one before."""
     names: list[str] = []
     while len(names) < hops + 1:
         name = "".join(rng.choices(string.ascii_uppercase, k=letters))
@@ -278,7 +294,7 @@ def _vt_chain(
 def _vt_block(
     rng: random.Random, n_noise: int, letters: int, hops: int
 ) -> tuple[str, str, list[str]]:
-    names, chain = _vt_chain(rng, letters, hops)
+    names, chain = vt_chain(rng, letters, hops)
     sents = _noise_lines(n_noise)
     # Gaps may repeat (short example haystacks); j keeps the chain in order.
     for j, pos in enumerate(sorted(rng.choices(range(n_noise + 1), k=len(chain)))):
@@ -289,12 +305,7 @@ def _vt_block(
         "Memorize and track the chain(s) of variable assignment hidden in the "
         f"following text.\n\n{context}\n"
     )
-    ask = (
-        f"Question: Find all variables that are assigned the value {value} in the "
-        "text above. Answer: According to the chain(s) of variable assignment in "
-        f"the text above, {hops + 1} variables are assgined the value {value}, "
-        "they are: "
-    )
+    ask = vt_question(value, hops + 1)
     return head, ask, names
 
 
@@ -372,17 +383,26 @@ def _fwe(
     return head, ask, order[1:4]
 
 
-def _no_context(rng: random.Random, size: int) -> tuple[str, str, list[str]]:
-    """An essay context, then a question whose answer is in the question itself."""
-    code = "".join(rng.choices(string.ascii_uppercase + string.digits, k=8))
-    words = essay_words()
-    start = rng.randrange(len(words))
-    context = " ".join(words[(start + i) % len(words)] for i in range(size))
-    ask = (
+def no_context_question(code: str) -> str:
+    """The no_context question: the answer is the code word it quotes."""
+    return (
         "\nQuestion: Ignore the text above. Repeat this code word exactly: "
         f"{code}. Answer: The code word is"
     )
-    return context, ask, [code]
+
+
+def random_code(rng: random.Random) -> str:
+    """An 8-character code word of capitals and digits (no_context's answers)."""
+    return "".join(rng.choices(string.ascii_uppercase + string.digits, k=8))
+
+
+def _no_context(rng: random.Random, size: int) -> tuple[str, str, list[str]]:
+    """An essay context, then a question whose answer is in the question itself."""
+    code = random_code(rng)
+    words = essay_words()
+    start = rng.randrange(len(words))
+    context = " ".join(words[(start + i) % len(words)] for i in range(size))
+    return context, no_context_question(code), [code]
 
 
 def _builder(
