@@ -76,3 +76,11 @@ def test_sigterm_stops_every_worker_and_runs_on_stop(tmp_path):
 def test_one_log_per_command(tmp_path):
     with pytest.raises(ValueError, match="one log per command"):
         run_side_by_side([_py("pass")], [])
+
+
+def test_logs_may_go_to_a_folder_that_does_not_exist_yet(tmp_path):
+    # `flashmemory eval --json /tmp/new/grid.json --workers 2` died before this
+    # (FileNotFoundError on the first worker log) on the H100.
+    log = tmp_path / "new" / "deeper" / "0.log"
+    assert run_side_by_side([_py("print('here')")], [log]) == []
+    assert log.read_text().strip() == "here"

@@ -41,6 +41,9 @@ def run_side_by_side(
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for cmd, log in zip(commands, logs):
+            # `eval --json /new/dir/x.json` puts its worker logs in a folder that the
+            # results file (written last) would only create at the end
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(
                     list(cmd), stdout=out, stderr=subprocess.STDOUT, env=full_env
