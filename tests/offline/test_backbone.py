@@ -198,6 +198,13 @@ def test_dense_echo_answers_the_quoted_code_word(seed):
     assert spans == [f" {c}.\n" for c in quoted[: len(spans)]]
     assert len(set(quoted)) == len(quoted)  # a fresh word each time: nothing to memorise
 
+def test_probes_cover_every_drill_and_the_forms_they_teach():
+    rows = bb.probe_rows(2048, 2)
+    for kind in ("dense_multi", "chains", "echo", "niah_multivalue", "niah_multiquery", "no_context"):
+        assert len(rows[kind]) == 2 and all(sum(r.answer_mask) for r in rows[kind])
+    # the earlier kinds keep their rows (appended kinds draw after them)
+    assert list(rows)[:5] == ["copy", "dense", "niah_single_1", "niah_multikey_2", "vt"]
+
 def test_task_weights_steer_the_ruler_rows():
     rng = random.Random(0)
     only_vt = tuple((t, 0.0) for t in tasks.TASKS if t != "vt")
