@@ -41,6 +41,7 @@ def make_harvest(
     n_topics: int = 4,
     index_n_heads: int = 2,
     seed: int = 0,
+    doc_ids: tuple[str, ...] = (),
 ) -> Path:
     """A learnable harvest: a window's golden entries are those sharing its topic.
 
@@ -98,7 +99,7 @@ def make_harvest(
         )
         docs.append(
             {
-                "doc_id": f"doc-{i}",
+                "doc_id": doc_ids[i] if doc_ids else f"doc-{i}",
                 "dir": d.name,
                 "n_tokens": n_tokens,
                 "n_shards": n_shards,

@@ -40,6 +40,8 @@ The synthetic harvest names no backbone, so the other tests train with init rand
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -58,6 +60,7 @@ from vllm_flashmemory.offline.metrics import (
     SWEEP_THRESHOLDS,
     bucket_name,
     bucket_sort_key,
+    document_task,
     evaluate_indexer,
     threshold_sweep,
     topk_sweep,
@@ -272,6 +275,17 @@ def test_topk_sweep_counts_by_hand():
             (3 * (0 in kept) + (2 in kept)) / 4)
     assert rows[-1]["chunk_recall"] == 1.0 and rows[-1]["entry_coverage"] == 1.0
     assert set(rows[0]["buckets"]) == {"0-1K"}
+    assert rows[0]["tasks"] == {"other": {k: rows[0][k] for k in rows[0]["tasks"]["other"]}}
+    # a second document of a RULER task: its own "tasks" row, the overall row sums both
+    doc2 = dataclasses.replace(doc, doc_id="niah_multikey_2-niah_multikey_2-4352-7-0-a64")
+    doc2.golden.zero_()
+    doc2.golden[0, 15] = True
+    two = topk_sweep(model, [doc, doc2], (1.0,), entries_per_chunk=4)[0]
+    assert set(two["tasks"]) == {"other", "niah_multikey_2"}
+    assert two["tasks"]["niah_multikey_2"]["windows"] == 1 and two["windows"] == 2
+    assert two["tasks"]["niah_multikey_2"]["chunk_recall"] == 1.0
+    assert document_task("vt-vt-4352-1-2-a9") == "vt"
+    assert document_task("report-2024") == "other"
     with pytest.raises(ValueError, match="must lie in"):
         topk_sweep(model, [doc], (0.0,))
 
@@ -418,6 +432,21 @@ def test_cli_prints_the_sweep_per_bucket_for_several_lengths(tmp_path, capsys):
     assert table[1].split() == ["threshold", "0-1K", "1K-2K"]
     assert len(table) >= 1 + 1 + 12 and "@" in table[2]
 
+
+
+def test_cli_prints_top_k_per_task_for_task_documents(tmp_path, capsys):
+    ids = tuple(f"{t}-{t}-512-0-{i}-a255" for i, t in
+                enumerate(["vt", "niah_multikey_2"] * 4))
+    make_harvest(tmp_path / "h", n_docs=8, doc_ids=ids)
+    rc = cli_main(["train", str(tmp_path / "h"), "--out-dir", str(tmp_path / "o"),
+                   "--epochs", "1", "--init", "random", "--val-fraction", "0.5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = out.split("top-K chunks per task (held-out)")[1].splitlines()
+    assert table[1].split() == ["task", "3%", "10%"]
+    assert {table[2].split()[0], table[3].split()[0]} == {"niah_multikey_2", "vt"}
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert set(saved["topk_sweep"][0]["tasks"]) == {"niah_multikey_2", "vt"}
 
 def test_rope_geometry_from_model_config(tmp_path):
     root = make_harvest(tmp_path / "h", n_docs=2, head_dim=128)

@@ -30,6 +30,7 @@ from vllm_flashmemory.core.memory_indexer import (
     select,
 )
 from vllm_flashmemory.offline.dataset import DocumentWindows
+from vllm_flashmemory.offline.tasks import TASKS
 
 
 @dataclass
@@ -133,7 +134,7 @@ def evaluate_thresholds(
     """evaluate_indexer at every threshold, scoring each window once."""
     overall = [Counts() for _ in thresholds]
     buckets: list[dict[str, Counts]] = [{} for _ in thresholds]
-    for scores, visible, gold, names in _scored_batches(model, documents, batch_windows):
+    for scores, visible, gold, names, _ in _scored_batches(model, documents, batch_windows):
         for t, threshold in enumerate(thresholds):
             sel = select(scores, threshold, routing) & visible  # [B, N]
             counts = _batch_counts(sel, gold, visible, entries_per_chunk)
@@ -193,14 +194,15 @@ def topk_sweep(
     batch_windows: int = 64,
 ) -> list[dict[str, object]]:
     """Golden chunk recall and golden entry coverage of top-K chunk selection, per
-    fraction (ascending), overall and under "buckets" per context-length bucket."""
+    fraction (ascending), overall, under "buckets" per context-length bucket and under
+    "tasks" per document_task (which kind of question the indexer misses)."""
     ordered = sorted(set(fractions))
     for f in ordered:
         if not 0.0 < f <= 1.0:
             raise ValueError(f"top-K fraction {f!r} must lie in (0, 1], e.g. 0.05.")
     # per fraction: name -> [windows, golden_chunks, hit_chunks, golden, covered, kept, vis_c]
     sums: list[dict[str, list[int]]] = [{} for _ in ordered]
-    for scores, vis, gold, names in _scored_batches(model, documents, batch_windows):
+    for scores, vis, gold, names, groups in _scored_batches(model, documents, batch_windows):
         n = vis.shape[1]
         entry = combine_layers(scores, routing).float().masked_fill(~vis, float("-inf"))
         n_chunks = -(-n // entries_per_chunk)
@@ -226,8 +228,8 @@ def topk_sweep(
                 kept.sum(1),
                 vis_c,
             ], dim=1)  # [B, 7]
-            for name, row in zip(names, rows.tolist()):
-                for key in ("overall", name):
+            for name, group, row in zip(names, groups, rows.tolist()):
+                for key in ("overall", name, _TASK_KEY + group):
                     acc = sums[t].setdefault(key, [0] * 7)
                     for i, v in enumerate(row):
                         acc[i] += v
@@ -242,20 +244,34 @@ def topk_sweep(
 
     out = []
     for f, per in zip(ordered, sums):
-        names = sorted((k for k in per if k != "overall"), key=bucket_sort_key)
+        names = sorted((k for k in per if k != "overall" and not k.startswith(_TASK_KEY)),
+                       key=bucket_sort_key)
+        tasks = sorted(k for k in per if k.startswith(_TASK_KEY))
         out.append({
             "fraction": f,
             **summary(per.get("overall", [0] * 7)),
             "buckets": {k: summary(per[k]) for k in names},
+            "tasks": {k[len(_TASK_KEY):]: summary(per[k]) for k in tasks},
         })
     return out
+
+
+_TASK_KEY = "task:"  # bucket names and task names share one dict in topk_sweep
+
+
+def document_task(doc_id: str) -> str:
+    """The RULER task a document was made from: `scripts/task_documents.py` names its
+    documents `<task>-<sample id>`; any other document counts as "other"."""
+    head = doc_id.split("-", 1)[0]
+    return head if head in TASKS else "other"
 
 
 def _scored_batches(
     model: MemoryIndexer, documents: list[DocumentWindows], batch_windows: int
 ):
     """Held-out windows in batches, scored once in eval mode: yields scores [L, B, N]
-    (host), visible [B, N], golden & visible [B, N] and each window's bucket name."""
+    (host), visible [B, N], golden & visible [B, N], each window's bucket name and
+    its document's task (document_task)."""
     was_training = model.training
     model.eval()
     try:
@@ -269,7 +285,8 @@ def _scored_batches(
                     < doc.n_visible[sl, None].cpu()
                 )
                 names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
-                yield scores, visible, doc.golden[sl] & visible, names
+                groups = [document_task(doc.doc_id)] * len(names)
+                yield scores, visible, doc.golden[sl] & visible, names, groups
     finally:
         model.train(was_training)
 
@@ -353,6 +370,7 @@ __all__ = [
     "EvalResult",
     "bucket_name",
     "bucket_sort_key",
+    "document_task",
     "evaluate_indexer",
     "evaluate_thresholds",
     "plot_history",

@@ -680,6 +680,16 @@ def run(args: argparse.Namespace) -> int:
             cells.append("n/a" if row is None else
                          f"{_fmt(row['entry_coverage'])} / {_fmt(row['chunk_recall'])}")
         print(f"{100 * t['fraction']:>5.0f}% " + " ".join(f"{c:>15}" for c in cells))
+    tasks = sorted({k for t in res.topk_sweep for k in t.get("tasks", {})})
+    if len(tasks) > 1:
+        shown = [t for t in res.topk_sweep if t["fraction"] in (0.03, 0.1)] or res.topk_sweep[:2]
+        print("top-K chunks per task (held-out): golden entry coverage / golden chunk recall")
+        print(f"{'task':<18}" + " ".join(f"{100 * t['fraction']:>14.0f}%" for t in shown))
+        for name in tasks:
+            cells = [t["tasks"].get(name) for t in shown]
+            print(f"{name:<18}" + " ".join(
+                f"{'n/a':>15}" if c is None else
+                f"{_fmt(c['entry_coverage']) + ' / ' + _fmt(c['chunk_recall']):>15}" for c in cells))
     print(f"metrics {res.metrics_path}, plot {res.plot_path}")
     return 0
 
