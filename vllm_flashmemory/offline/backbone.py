@@ -391,7 +391,7 @@ def make_dense_echo(rng: random.Random, length: int) -> Example:
     """The no_context case, dense: a stretch of essay (100-600 bytes), then its
     question quoting a code word, answered by that word; again to the row's end.
     The answer sits in the sliding window, a copy no other row teaches: every far
-    copy goes through CSA entries, and the stage-6 backbone got 0 of 6 code words
+    copy goes through CSA entries, and the stage-6 backbone got 0 of 3 code words
     right even teacher-forced."""
     words = tasks.essay_words()
     ids, mask = [BOS_ID], [False]
