@@ -89,7 +89,13 @@ PY
 fi
 echo "threshold $THRESHOLD"
 LEFT=$(( DEADLINE_S - ($(date +%s) - T0) ))
+# The eval writes one log per worker beside its results file; kept in WORK, they do
+# not crowd OUT (the lent GPU returns at most 8 files from it: 11 worker logs once
+# pushed a trained backbone out). A grid already in OUT is resumed.
+[ -f "$OUT/grid.json" ] && cp "$OUT/grid.json" "$WORK/grid.json"
 timeout "$LEFT" $CLI eval --model "$BB" --indexer "$INDEXER" --tasks "$TASKS" \
   --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --threshold "$THRESHOLD" \
-  --prefill-chunk-tokens 512 ${EVAL_ARGS:-} --workers "$WORKERS" --json "$OUT/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
-echo "eval exit ${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s"
+  --prefill-chunk-tokens 512 ${EVAL_ARGS:-} --workers "$WORKERS" --json "$WORK/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
+EVAL_RC=${PIPESTATUS[0]}
+cp "$WORK/grid.json" "$OUT/grid.json" 2>/dev/null
+echo "eval exit $EVAL_RC at $(( $(date +%s) - T0 )) s"
