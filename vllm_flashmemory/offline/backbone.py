@@ -349,20 +349,19 @@ def make_dense_chains(rng: random.Random, length: int) -> Example:
     answer sits in the window to be copied), answered by the chain's names. Each
     hop is a lookup keyed by the name just written ("= VAR <name>"), so the answer
     exercises retrieval once per name instead of once per row."""
-    chains: list[tuple[list[str], list[str]]] = []
+    chains: list[tuple[list[str], list[str], str]] = []
     used_names: set[str] = set()
     used_values: set[str] = set()
     size = 0
     while size < 0.45 * length:
-        names, lines = tasks.vt_chain(rng, 5, rng.choice((1, 2, 3, 4, 4, 4)))
-        value = lines[0].split("=")[-1].strip()
+        names, lines, value = tasks.vt_chain(rng, 5, rng.choice((1, 2, 3, 4, 4, 4)))
         if used_names & set(names) or value in used_values:
             continue  # a name or value in two chains would make two right answers
         used_names |= set(names)
         used_values.add(value)
-        chains.append((names, lines))
+        chains.append((names, lines, value))
         size += sum(len(x) + 1 for x in lines) + 0.3 * len(tasks.NOISE) * len(lines)
-    pending = [list(lines) for _, lines in chains]
+    pending = [list(lines) for _, lines, _ in chains]
     body = []
     while any(pending):  # a random merge that keeps every chain in order
         lines = rng.choice([p for p in pending if p])
@@ -374,12 +373,11 @@ def make_dense_chains(rng: random.Random, length: int) -> Example:
         "following text.\n\n" + "\n".join(body) + "\n"
     )
     ids, mask = encode(text), [False] * (len(text.encode()) + 1)
-    queue: list[tuple[list[str], list[str]]] = []
+    queue: list[tuple[list[str], list[str], str]] = []
     while len(ids) < length:
         if not queue:
             queue = rng.sample(chains, len(chains))
-        names, lines = queue.pop()
-        value = lines[0].split("=")[-1].strip()
+        names, _, value = queue.pop()
         q_ids = encode(tasks.vt_question(value, len(names)))[1:]
         a = encode(" ".join(names) + "\n")[1:]
         ids += q_ids + a
@@ -436,12 +434,13 @@ def make_task_row(
 ) -> Example:
     """One RULER row (a random task unless named; `weights` (task, weight) pairs
     reweigh the draw, unnamed tasks at 1): prompt, then the trained answer."""
+    w = dict(weights)
+    draw_weights = [w.get(t, 1.0) for t in tasks.TASKS]
     while True:  # a task whose smallest prompt exceeds `length` is redrawn
         if task:
             name = task
         elif weights:
-            w = dict(weights)
-            name = rng.choices(tasks.TASKS, [w.get(t, 1.0) for t in tasks.TASKS])[0]
+            name = rng.choices(tasks.TASKS, draw_weights)[0]
         else:
             name = rng.choice(tasks.TASKS)
         try:
@@ -503,14 +502,16 @@ def make_example(rng: random.Random, length: int, mix: Mixture) -> Example:
         text = " ".join(words[(start + i) % len(words)] for i in range(length // 4))
         ids = encode(text)
         return _pad(ids, [False] * len(ids), length)
-    if u < mix.text + mix.dense:
-        return make_dense_recall(rng, length, mix.dense_multi)
-    if u < mix.text + mix.dense + mix.copy:
-        return make_copy(rng, length)
-    if u < mix.text + mix.dense + mix.copy + mix.chains:
-        return make_dense_chains(rng, length)
-    if u < mix.text + mix.dense + mix.copy + mix.chains + mix.echo:
-        return make_dense_echo(rng, length)
+    edge = mix.text
+    for share, make in (
+        (mix.dense, lambda: make_dense_recall(rng, length, mix.dense_multi)),
+        (mix.copy, lambda: make_copy(rng, length)),
+        (mix.chains, lambda: make_dense_chains(rng, length)),
+        (mix.echo, lambda: make_dense_echo(rng, length)),
+    ):
+        edge += share  # the same left-to-right sums as before: old stages replay
+        if u < edge:
+            return make()
     return make_task_row(rng, length, weights=mix.task_weights)
 
 

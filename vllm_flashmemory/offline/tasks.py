@@ -278,29 +278,30 @@ def _noise_lines(size: int) -> list[str]:
 
 def vt_chain(
     rng: random.Random, letters: int, hops: int
-) -> tuple[list[str], list[str]]:
-    """hops + 1 distinct names of `letters` capitals and their assignment lines:
-    a 5-digit value into the first, each next name assigned the one before."""
+) -> tuple[list[str], list[str], str]:
+    """hops + 1 distinct names of `letters` capitals, their assignment lines (a
+    5-digit value into the first, each next name assigned the one before) and the
+    value."""
     names: list[str] = []
     while len(names) < hops + 1:
         name = "".join(rng.choices(string.ascii_uppercase, k=letters))
         if name not in names:
             names.append(name)
-    chain = [f"VAR {names[0]} = {rng.randint(10000, 99999)}"]
+    value = str(rng.randint(10000, 99999))
+    chain = [f"VAR {names[0]} = {value}"]
     chain += [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(hops)]
-    return names, chain
+    return names, chain, value
 
 
 def _vt_block(
     rng: random.Random, n_noise: int, letters: int, hops: int
 ) -> tuple[str, str, list[str]]:
-    names, chain = vt_chain(rng, letters, hops)
+    names, chain, value = vt_chain(rng, letters, hops)
     sents = _noise_lines(n_noise)
     # Gaps may repeat (short example haystacks); j keeps the chain in order.
     for j, pos in enumerate(sorted(rng.choices(range(n_noise + 1), k=len(chain)))):
         sents.insert(pos + j, chain[j])
     context = " ".join(sents).replace(". \n", ".\n")
-    value = chain[0].split("=")[-1].strip()
     head = (
         "Memorize and track the chain(s) of variable assignment hidden in the "
         f"following text.\n\n{context}\n"
