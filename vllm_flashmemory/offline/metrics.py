@@ -200,9 +200,10 @@ def topk_sweep(
     for f in ordered:
         if not 0.0 < f <= 1.0:
             raise ValueError(f"top-K fraction {f!r} must lie in (0, 1], e.g. 0.05.")
-    # per fraction: name -> [windows, golden_chunks, hit_chunks, golden, covered, kept, vis_c]
-    sums: list[dict[str, list[int]]] = [{} for _ in ordered]
-    for scores, vis, gold, names, groups in _scored_batches(model, documents, batch_windows):
+    # per fraction: ("overall",) | ("bucket", name) | ("task", task) ->
+    #   [windows, golden_chunks, hit_chunks, golden, covered, kept, vis_c]
+    sums: list[dict[tuple[str, ...], list[int]]] = [{} for _ in ordered]
+    for scores, vis, gold, names, task in _scored_batches(model, documents, batch_windows):
         n = vis.shape[1]
         entry = combine_layers(scores, routing).float().masked_fill(~vis, float("-inf"))
         n_chunks = -(-n // entries_per_chunk)
@@ -228,8 +229,8 @@ def topk_sweep(
                 kept.sum(1),
                 vis_c,
             ], dim=1)  # [B, 7]
-            for name, group, row in zip(names, groups, rows.tolist()):
-                for key in ("overall", name, _TASK_KEY + group):
+            for name, row in zip(names, rows.tolist()):
+                for key in (("overall",), ("bucket", name), ("task", task)):
                     acc = sums[t].setdefault(key, [0] * 7)
                     for i, v in enumerate(row):
                         acc[i] += v
@@ -244,19 +245,15 @@ def topk_sweep(
 
     out = []
     for f, per in zip(ordered, sums):
-        names = sorted((k for k in per if k != "overall" and not k.startswith(_TASK_KEY)),
-                       key=bucket_sort_key)
-        tasks = sorted(k for k in per if k.startswith(_TASK_KEY))
+        names = sorted((k[1] for k in per if k[0] == "bucket"), key=bucket_sort_key)
+        tasks = sorted(k[1] for k in per if k[0] == "task")
         out.append({
             "fraction": f,
-            **summary(per.get("overall", [0] * 7)),
-            "buckets": {k: summary(per[k]) for k in names},
-            "tasks": {k[len(_TASK_KEY):]: summary(per[k]) for k in tasks},
+            **summary(per.get(("overall",), [0] * 7)),
+            "buckets": {k: summary(per[("bucket", k)]) for k in names},
+            "tasks": {k: summary(per[("task", k)]) for k in tasks},
         })
     return out
-
-
-_TASK_KEY = "task:"  # bucket names and task names share one dict in topk_sweep
 
 
 def document_task(doc_id: str) -> str:
@@ -271,11 +268,12 @@ def _scored_batches(
 ):
     """Held-out windows in batches, scored once in eval mode: yields scores [L, B, N]
     (host), visible [B, N], golden & visible [B, N], each window's bucket name and
-    its document's task (document_task)."""
+    the batch's document_task (a batch holds one document's windows)."""
     was_training = model.training
     model.eval()
     try:
         for doc in documents:
+            task = document_task(doc.doc_id)
             for start in range(0, doc.n_windows, batch_windows):
                 sl = slice(start, start + batch_windows)
                 hidden = doc.hidden[sl].transpose(0, 1)  # [L, B, D]
@@ -285,8 +283,7 @@ def _scored_batches(
                     < doc.n_visible[sl, None].cpu()
                 )
                 names = [bucket_name(pos + 1) for pos in doc.positions[sl].tolist()]
-                groups = [document_task(doc.doc_id)] * len(names)
-                yield scores, visible, doc.golden[sl] & visible, names, groups
+                yield scores, visible, doc.golden[sl] & visible, names, task
     finally:
         model.train(was_training)
 
