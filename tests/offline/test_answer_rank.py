@@ -1,0 +1,45 @@
+"""bench/answer_rank.py's pieces: answers parsed from each task's completion form, the
+chunks an answer occupies (token i = byte i - 1), the historical chunks exactly as the
+planner has them, and a bad --fractions refused before any file is read."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from vllm_flashmemory.core.config import LSAConfig
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "answer_rank.py"
+_spec = importlib.util.spec_from_file_location("answer_rank", _PATH)
+answer_rank = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(answer_rank)
+
+
+def test_answer_strings_read_every_completion_form():
+    assert answer_rank.answer_strings(" 1234567.") == ["1234567"]
+    assert answer_rank.answer_strings(" 11, 22, 33.") == ["11", "22", "33"]
+    assert answer_rank.answer_strings("ABCDE FGHIJ") == ["ABCDE", "FGHIJ"]  # vt
+
+
+def test_answer_chunks_cover_every_occurrence():
+    prompt = bytearray(b"." * 200)
+    prompt[63:66] = b"abc"  # tokens 64-66: chunk 2 of 32-token chunks
+    prompt[126:130] = b"abc!"  # tokens 127-129: straddles chunks 3 and 4
+    assert answer_rank.answer_chunks(bytes(prompt), ["abc"], 32) == {2, 3, 4}
+    assert answer_rank.answer_chunks(bytes(prompt), ["zzz"], 32) == set()
+
+
+def test_historical_matches_planner_definition():
+    lsa = LSAConfig(chunk_tokens=32, local_window_tokens=1024, sink_chunks=1)
+    hist = answer_rank.historical(4096, lsa)
+    # 128 chunks: chunk 0 is the sink, the last 1024 tokens (chunks 96-127) are local
+    assert hist == list(range(1, 96))
+
+
+def test_bad_fractions_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        answer_rank.main(["--harvest", str(tmp_path), "--documents", "x.jsonl",
+                          "--indexers", "native", "--fractions", "0.03,3"])
+    assert "--fractions 0.03,3 must be shares in (0, 1]" in capsys.readouterr().err
