@@ -364,3 +364,45 @@ def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypa
     assert cli.main(argv) == 0  # the rerun only runs the cell the dead worker missed
     assert launched == [[("niah_single_1", 256)]]
     assert len(evaluate.read_rows(out)) == 6
+
+
+def test_rows_name_their_weights_and_resume_refuses_others(tmp_path, stub_tasks, factory):
+    """Rows carry the backbone digest (lsa/quest rows also the indexer's); a rerun
+    with another backbone, or another indexer while lsa rows exist, is refused before
+    any work; rows of methods without an indexer stay valid under another one."""
+    tok, quiet = _ByteTokenizer(), (lambda s: None)
+    one = {"model_sha256": "m1", "indexer_sha256": "i1"}
+    cfg = _cfg(tmp_path, methods="full,lsa")
+    rows = evaluate.run_eval(cfg, engine_factory=factory, tokenizer=tok, print_fn=quiet,
+                             identity=one)
+    by = {r["method"]: r for r in rows}
+    assert by["full"]["model_sha256"] == "m1" and "indexer_sha256" not in by["full"]
+    assert by["lsa"]["indexer_sha256"] == "i1"
+    before = factory.calls["prefill"]
+    with pytest.raises(ValueError, match="lsa rows at 128 tokens made with indexer_sha256 i1"):
+        evaluate.run_eval(_cfg(tmp_path, methods="full,lsa,recency"), engine_factory=factory,
+                          tokenizer=tok, print_fn=quiet, identity={**one, "indexer_sha256": "i2"})
+    with pytest.raises(ValueError, match="model_sha256 m1, but this run's is m2; .*--model"):
+        evaluate.run_eval(_cfg(tmp_path, methods="full,recency"), engine_factory=factory,
+                          tokenizer=tok, print_fn=quiet, identity={"model_sha256": "m2"})
+    assert factory.calls["prefill"] == before  # refused before any prefill
+    evaluate.run_eval(_cfg(tmp_path, methods="full,lsa,recency"), engine_factory=factory,
+                      tokenizer=tok, print_fn=quiet, identity=one)
+    assert factory.calls["prefill"] == before + 2  # same weights: resumes, adds recency
+
+
+def test_run_identity_digests_the_weight_files(tmp_path):
+    model, indexer = tmp_path / "m", tmp_path / "m" / "indexer"
+    indexer.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"backbone")
+    (indexer / "config.json").write_text("{}")
+    (indexer / "memory_indexer.safetensors").write_bytes(b"indexer")
+    cfg = evaluate.EvalConfig(tasks=("niah_single_1",), lengths=(128,),
+                              methods=parse_methods("full"), json_path=str(tmp_path / "e.json"),
+                              model=str(model), indexer=str(indexer))
+    got = evaluate.run_identity(cfg, needs_indexer=True)
+    assert got == {"model_sha256": evaluate.file_digest(model / "model.safetensors"),
+                   "indexer_sha256": evaluate.file_digest(indexer / "memory_indexer.safetensors")}
+    assert got["model_sha256"] != got["indexer_sha256"] and len(got["model_sha256"]) == 16
+    assert evaluate.run_identity(cfg, needs_indexer=False).keys() == {"model_sha256"}

@@ -17,7 +17,10 @@ memory. The local window and the chunk scale with the context in the paper's pro
 --local-window-tokens / --chunk-tokens (the paper's own protocol: 8K and 256 from 46K to
 512K); they are printed with every cell and a results file never mixes two settings.
 `lsa<pct>` (e.g. lsa10) is LSA by top-K at oracle<pct>'s footprint. Results are written
-atomically after every cell; a rerun with the same --json skips completed cells.
+atomically after every cell; a rerun with the same --json skips completed cells. Every
+row names the weights it measured (`model_sha256`; lsa and quest rows also
+`indexer_sha256`), and a rerun with another backbone or Memory Indexer is refused, so
+a resumed file never mixes two of them.
 
 `--workers N` runs the missing cells in N `flashmemory eval` subprocesses on the same
 device (the tiny backbone's eval is bound by Python, not the GPU), each with its own
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -292,8 +296,14 @@ def run_eval(
     engine_factory: Callable[[LSAConfig], Any] | None = None,
     tokenizer: Any = None,
     print_fn: Callable[[str], None] = print,
+    identity: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate every missing cell; returns all rows (old and new)."""
+    """Evaluate every missing cell; returns all rows (old and new).
+
+    identity: the weights' digests the rows carry (run_identity); computed from the
+    model and indexer folders when the default engine runs, else whatever the caller
+    passes with its engine_factory (none: rows carry none and nothing is checked).
+    """
     from tqdm import tqdm
 
     from vllm_flashmemory.offline import tasks as task_lib
@@ -302,11 +312,15 @@ def run_eval(
     done = {cell_key(r) for r in rows}
     _check_tasks(cfg)
     check_window_rows(cfg, rows)
+    needs_indexer = _needs_indexer(cfg)
+    if engine_factory is None or tokenizer is None:
+        identity = run_identity(cfg, needs_indexer)
+    identity = identity or {}
+    check_identity_rows(cfg, rows, identity)
     todo = _missing_cells(cfg, rows)
     if not todo:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
         return rows
-    needs_indexer = any(s.method in (Method.LSA, Method.QUEST) for s in cfg.methods)
     if engine_factory is None or tokenizer is None:
         engine_factory, tokenizer = _default_engine(cfg, needs_indexer, print_fn)
     file_samples = None
@@ -346,7 +360,8 @@ def run_eval(
             "threshold": cfg.threshold,
         }
         for spec in specs:
-            rows.append(stats[spec.label].row(task, length, spec.label, extra))
+            rows.append(stats[spec.label].row(
+                task, length, spec.label, {**extra, **_row_identity(spec, identity)}))
         write_rows(cfg.json_path, rows)
         close = getattr(engine, "close", None)
         if close is not None:
@@ -375,6 +390,63 @@ def check_window_rows(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> None:
                 f"uses {want.local_window_tokens} and {want.chunk_tokens}; write to "
                 "another --json, or pass the file's --local-window-tokens/--chunk-tokens."
             )
+
+
+# Methods whose rows depend on the Memory Indexer (quest takes lsa's budget).
+_INDEXER_METHODS = (Method.LSA, Method.QUEST)
+
+
+def _needs_indexer(cfg: EvalConfig) -> bool:
+    return any(s.method in _INDEXER_METHODS for s in cfg.methods)
+
+
+def file_digest(path: Path) -> str:
+    """First 16 hex digits of a file's sha256: enough to tell two checkpoints apart."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg: EvalConfig, needs_indexer: bool) -> dict[str, str]:
+    """Digests of the backbone (and, for lsa/quest, the Memory Indexer) this run
+    evaluates, as rows carry them."""
+    from vllm_flashmemory.core.memory_indexer import WEIGHTS_FILE as INDEXER_WEIGHTS
+    from vllm_flashmemory.dsv4.checkpoint import WEIGHTS_FILE as MODEL_WEIGHTS
+
+    model_path, indexer_path = resolve_model_paths(cfg.model, cfg.indexer)
+    out = {}
+    if (model_path / MODEL_WEIGHTS).is_file():
+        out["model_sha256"] = file_digest(model_path / MODEL_WEIGHTS)
+    if needs_indexer and indexer_path is not None and (indexer_path / INDEXER_WEIGHTS).is_file():
+        out["indexer_sha256"] = file_digest(indexer_path / INDEXER_WEIGHTS)
+    return out
+
+
+def _row_identity(spec: MethodSpec, identity: dict[str, str]) -> dict[str, str]:
+    """The digests a row of `spec` depends on: the backbone always, the indexer for
+    lsa and quest only (a full row stays valid under another indexer)."""
+    return {k: v for k, v in identity.items()
+            if k != "indexer_sha256" or spec.method in _INDEXER_METHODS}
+
+
+def check_identity_rows(
+    cfg: EvalConfig, rows: Sequence[dict[str, Any]], identity: dict[str, str]
+) -> None:
+    """Refuse to add rows to a results file made with another backbone or Memory
+    Indexer: a resumed table would mix accuracies of two different checkpoints."""
+    flags = {"model_sha256": "--model", "indexer_sha256": "--indexer"}
+    for r in rows:
+        for key, want in identity.items():
+            have = r.get(key)
+            if have is not None and have != want:
+                raise ValueError(
+                    f"--json {cfg.json_path!r} holds {r['method']} rows at "
+                    f"{r['context_tokens']} tokens made with {key} {have}, but this run's "
+                    f"is {want}; write to another --json, or pass the {flags[key]} that "
+                    "made them."
+                )
 
 
 def _check_tasks(cfg: EvalConfig) -> None:
@@ -483,6 +555,7 @@ def run_workers(
     _check_tasks(cfg)
     rows = merge_shards(cfg.json_path)  # shards a killed run left behind
     check_window_rows(cfg, rows)
+    check_identity_rows(cfg, rows, run_identity(cfg, _needs_indexer(cfg)))
     groups = plan_cells(cfg, rows)
     if not groups:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
