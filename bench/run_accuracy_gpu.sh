@@ -4,16 +4,20 @@
 #   label -> train the Memory Indexer (with its threshold sweep) -> pick the threshold
 #   -> `flashmemory eval --workers` grid, stopped at DEADLINE_S (finished cells kept).
 # Usage (repo root): OUT=runs/acc BB=vllm_flashmemory/assets/backbone bash bench/run_accuracy_gpu.sh
+#   The defaults reproduce the committed Memory Indexer (backbone_meta.json, memory_indexer)
+#   and the grid of docs/RESULTS.md: window 1024 and chunk 32 tokens at every length.
 #   INDEXER=DIR skips harvest/label/train and evaluates with that Memory Indexer.
 #   THRESHOLD=x fixes the threshold; otherwise the lowest swept threshold whose held-out
 #   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
-#   bucket is <= RESIDENT_TARGET.
+#   bucket is <= RESIDENT_TARGET (metrics.calibrate_threshold, as `flashmemory train`
+#   calibrates the checkpoint).
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
 #   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags;
-#   LABELS=attention harvests with --attention and labels with --source attention;
-#   LABEL_ARGS="--layers 0 --min-votes 1" adds `flashmemory label` flags.
-#   EVAL_ARGS="--local-window-tokens 1024 --chunk-tokens 32" fixes the window and chunk
-#   in tokens at every length (the paper's protocol divided by 8; docs/RESULTS.md).
+#   LABELS=attention (default) harvests with --attention and labels with --source
+#   attention, LABELS=indexer from the native indexer's logits (the paper's Eq. 7);
+#   LABEL_ARGS adds `flashmemory label` flags (default: the first CSA layer, top-p 0.3).
+#   EVAL_ARGS (default "--local-window-tokens 1024 --chunk-tokens 32") fixes the window
+#   and chunk in tokens at every length (the paper's protocol divided by 8).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/accuracy}; BB=${BB:?set BB to a backbone folder}
@@ -23,11 +27,13 @@ DOC_TASKS=${DOC_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1
 # tokens, one harvest per PROMPT, all training one indexer. Each is harvested from
 # PROMPT - 1: the first query is the prompt's last token, where LSA refreshes at the end
 # of prefill, and its window is the answer (offline/labels.py).
-DOCS=${DOCS:-4096:24}; DOC_SEED=${DOC_SEED:-0}
+DOCS=${DOCS:-4096:80,16384:16}; DOC_SEED=${DOC_SEED:-0}
 # Harvest processes side by side (the tiny backbone is launch-bound, not GPU-bound) and
 # an optional time box in seconds: documents finished by then are labelled and used.
-HARVEST_WORKERS=${HARVEST_WORKERS:-4}; HARVEST_S=${HARVEST_S:-0}
-EVAL_CHUNK=${EVAL_CHUNK:-64}; RESIDENT_TARGET=${RESIDENT_TARGET:-0.03}
+HARVEST_WORKERS=${HARVEST_WORKERS:-10}; HARVEST_S=${HARVEST_S:-0}
+EVAL_CHUNK=${EVAL_CHUNK:-32}; RESIDENT_TARGET=${RESIDENT_TARGET:-0.1}
+LABELS=${LABELS:-attention}; LABEL_ARGS=${LABEL_ARGS---layers 0 --min-votes 1 --top-p 0.3}
+EVAL_ARGS=${EVAL_ARGS---local-window-tokens 1024 --chunk-tokens 32}
 TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,no_context}
 LENGTHS=${LENGTHS:-16k}; METHODS=${METHODS:-full,lsa,recency,random,oracle10,quest}
 N=${N:-16}; WORKERS=${WORKERS:-11}; WORK=${WORK:-/tmp/acc}; T0=$(date +%s)
@@ -57,10 +63,10 @@ if [ -z "${INDEXER:-}" ]; then
     HARVEST_CMD=($CLI harvest --model "$BB" --out "$H" --documents "$WORK/docs$PROMPT.jsonl"
       --tokens "$DOC_LEN" --prompt-tokens $((PROMPT - 1)) --device "$DEVICE" --max-chunk-tokens 4096
       --workers "$HARVEST_WORKERS" --no-progress)
-    [ "${LABELS:-indexer}" = attention ] && HARVEST_CMD+=(--attention)
+    [ "$LABELS" = attention ] && HARVEST_CMD+=(--attention)
     if [ "$HARVEST_S" != 0 ]; then timeout "$HARVEST_S" "${HARVEST_CMD[@]}" | tail -1
     else "${HARVEST_CMD[@]}" | tail -1; fi
-    $CLI label "$H" --source "${LABELS:-indexer}" ${LABEL_ARGS:-} | tail -1
+    $CLI label "$H" --source "$LABELS" $LABEL_ARGS | tail -1
     HARVESTS+=("$H")
   done
   echo "harvest done at $(( $(date +%s) - T0 )) s"
@@ -74,16 +80,20 @@ if [ -z "${INDEXER:-}" ]; then
   [ "${EVAL:-1}" = 0 ] && exit 0
 fi
 if [ -z "${THRESHOLD:-}" ]; then
-  THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'
+  THRESHOLD=$(python3 - "$INDEXER" "$RESIDENT_TARGET" <<'PY'
 import json, sys
-from vllm_flashmemory.offline.metrics import bucket_sort_key
-sweep = json.load(open(sys.argv[1]))["threshold_sweep"]
-def resident(row):  # the longest context bucket held out, else overall
-    buckets = row.get("buckets") or {}
-    b = buckets[max(buckets, key=bucket_sort_key)] if buckets else row
-    return b["chunk_resident_fraction"] or 1.0
-ok = [r["threshold"] for r in sweep if resident(r) <= float(sys.argv[2])]
-print(min(ok) if ok else max(r["threshold"] for r in sweep))
+from pathlib import Path
+from vllm_flashmemory.core.memory_indexer import read_calibration
+from vllm_flashmemory.offline.metrics import calibrate_threshold
+indexer, target = Path(sys.argv[1]), float(sys.argv[2])
+metrics = indexer.parent / "metrics.json"
+if metrics.is_file():  # trained by this run: calibrate at RESIDENT_TARGET
+    sweep = json.loads(metrics.read_text())["threshold_sweep"]
+    calibration = calibrate_threshold(sweep, target)
+    print(calibration["threshold"] if calibration else max(r["threshold"] for r in sweep))
+else:  # a given checkpoint: its own calibration, else the paper's 0.5
+    calibration = read_calibration(indexer)
+    print(calibration["threshold"] if calibration else 0.5)
 PY
 )
 fi
@@ -95,7 +105,7 @@ LEFT=$(( DEADLINE_S - ($(date +%s) - T0) ))
 [ -f "$OUT/grid.json" ] && cp "$OUT/grid.json" "$WORK/grid.json"
 timeout "$LEFT" $CLI eval --model "$BB" --indexer "$INDEXER" --tasks "$TASKS" \
   --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --threshold "$THRESHOLD" \
-  --prefill-chunk-tokens 512 ${EVAL_ARGS:-} --workers "$WORKERS" --json "$WORK/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
+  --prefill-chunk-tokens 512 $EVAL_ARGS --workers "$WORKERS" --json "$WORK/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
 EVAL_RC=${PIPESTATUS[0]}
 cp "$WORK/grid.json" "$OUT/grid.json" 2>/dev/null
 echo "eval exit $EVAL_RC at $(( $(date +%s) - T0 )) s"

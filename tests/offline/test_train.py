@@ -50,7 +50,11 @@ from safetensors.torch import save_file
 from test_dataset import make_harvest
 
 from vllm_flashmemory.cli import main as cli_main
-from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+from vllm_flashmemory.core.memory_indexer import (
+    MemoryIndexer,
+    MemoryIndexerConfig,
+    read_calibration,
+)
 from vllm_flashmemory.offline.dataset import (
     DocumentWindows,
     HarvestManifest,
@@ -60,6 +64,7 @@ from vllm_flashmemory.offline.metrics import (
     SWEEP_THRESHOLDS,
     bucket_name,
     bucket_sort_key,
+    calibrate_threshold,
     document_task,
     evaluate_indexer,
     threshold_sweep,
@@ -347,6 +352,8 @@ def test_refusals(tmp_path):
         _cfg(tmp_path, val_fraction=1.0)
     with pytest.raises(ValueError, match=r"--device 'tpu'.*use --device cpu"):
         _cfg(tmp_path, device="tpu")
+    with pytest.raises(ValueError, match="target_resident=1.5 must lie in"):
+        _cfg(tmp_path, target_resident=1.5)
 
 
 def test_train_on_harvests_of_two_lengths(tmp_path):
@@ -418,6 +425,7 @@ def test_cli(tmp_path, capsys):
     assert "threshold sweep" in out and "chunk resident" in out
     assert "per context bucket" not in out  # one bucket: the overall table says it all
     assert "top-K chunks" in out and "\n   20% " in out
+    assert "calibrated threshold: " in out
     assert (tmp_path / "o" / "indexer" / "config.json").is_file()
 
 

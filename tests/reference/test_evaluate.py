@@ -406,3 +406,42 @@ def test_run_identity_digests_the_weight_files(tmp_path):
                    "indexer_sha256": evaluate.file_digest(indexer / "memory_indexer.safetensors")}
     assert got["model_sha256"] != got["indexer_sha256"] and len(got["model_sha256"]) == 16
     assert evaluate.run_identity(cfg, needs_indexer=False).keys() == {"model_sha256"}
+
+
+def test_default_threshold_is_the_indexers_calibration(tmp_path):
+    """No --threshold: the checkpoint's calibration, else the paper's 0.5; a malformed
+    calibration is refused with the file named."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    indexer = MemoryIndexer(MemoryIndexerConfig(hidden_size=16, rank=8, n_heads=2,
+                                                head_dim=16, rope_dim=8, layer_ids=(0,)))
+    indexer.save(tmp_path / "plain")
+    t, why = evaluate.default_threshold(str(model), str(tmp_path / "plain"))
+    assert t == 0.5 and "carries no calibration" in why
+    cal = {"threshold": 0.8, "target_resident": 0.1, "held_out_resident": 0.078,
+           "bucket": "16K-32K", "chunk_tokens": 32}
+    indexer.save(tmp_path / "cal", calibration=cal)
+    t, why = evaluate.default_threshold(str(model), str(tmp_path / "cal"))
+    assert t == 0.8 and "0.078 of held-out historical chunks" in why and "chunk 32" in why
+    assert MemoryIndexer.load(tmp_path / "cal").config == indexer.config  # still loads
+    bad = json.loads((tmp_path / "cal" / "config.json").read_text())
+    bad["calibration"]["threshold"] = 1.5
+    (tmp_path / "cal" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"cal/config.json.*threshold must be a number in \[0, 1\]"):
+        evaluate.default_threshold(str(model), str(tmp_path / "cal"))
+
+
+def test_committed_indexer_is_calibrated():
+    cal = evaluate.default_threshold(None, None)
+    assert cal[0] == 0.8 and "calibration" in cal[1]
+
+
+def test_resume_refuses_lsa_rows_of_another_threshold(tmp_path, stub_tasks, factory):
+    tok, quiet = _ByteTokenizer(), (lambda s: None)
+    evaluate.run_eval(_cfg(tmp_path, methods="full,lsa"), engine_factory=factory,
+                      tokenizer=tok, print_fn=quiet)
+    with pytest.raises(ValueError, match="lsa rows at 128 tokens with threshold 0.5, but "
+                       "this run's is 0.8; pass --threshold 0.5"):
+        evaluate.run_eval(_cfg(tmp_path, methods="full,lsa,recency", threshold=0.8),
+                          engine_factory=factory, tokenizer=tok, print_fn=quiet)

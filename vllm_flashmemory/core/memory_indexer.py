@@ -15,7 +15,9 @@ compress rope: interleaved pairs, theta 160000 + YaRN, no attention mscale) and 
 same normalized Walsh-Hadamard rotation, so q . k is taken in the cache's own space.
 
 Checkpoints: a directory holding `memory_indexer.safetensors` and `config.json`,
-both written atomically. The published FlashMemory retriever (a torch state dict with
+both written atomically. config.json may carry a `calibration` (written by `flashmemory
+train`): the threshold of Eq. 5 that kept at most a target share of historical chunks
+resident on held-out windows, which `flashmemory eval` uses when no --threshold is given. The published FlashMemory retriever (a torch state dict with
 keys `retrievers.l{id}.{wq_a.weight,q_norm_weight,wq_b.weight,weights_proj.weight}`,
 as read by the official SGLang hook `_TrainedScorer`) loads through the same `load`.
 """
@@ -329,8 +331,11 @@ class MemoryIndexer(nn.Module):
 
     # ---- checkpoint ----------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write config.json + memory_indexer.safetensors into `path`, atomically."""
+    def save(
+        self, path: str | os.PathLike[str], calibration: dict[str, Any] | None = None
+    ) -> Path:
+        """Write config.json + memory_indexer.safetensors into `path`, atomically;
+        `calibration` (metrics.calibrate_threshold's dict) goes into config.json."""
         from safetensors.torch import save_file
 
         out = Path(path)
@@ -338,6 +343,8 @@ class MemoryIndexer(nn.Module):
         state = self.state_dict()
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
         meta = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
+        if calibration is not None:
+            meta["calibration"] = dict(calibration)
         tag = {"format": CHECKPOINT_FORMAT}
         atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=tag))
         text = json.dumps(meta, indent=2) + "\n"
@@ -374,6 +381,26 @@ class MemoryIndexer(nn.Module):
         _check_state(model, state, p)
         model.load_state_dict({k: v.float() for k, v in state.items()})
         return model.to(map_location)
+
+
+def read_calibration(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The `calibration` of a checkpoint directory's config.json, or None (no
+    directory, no config.json, a published .pt file, or never calibrated)."""
+    cfg_file = Path(path) / CONFIG_FILE
+    if not cfg_file.is_file():
+        return None
+    calibration = json.loads(cfg_file.read_text()).get("calibration")
+    if calibration is None:
+        return None
+    threshold = calibration.get("threshold") if isinstance(calibration, dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+        0.0 <= threshold <= 1.0
+    ):
+        raise ValueError(
+            f"{str(cfg_file)!r} has calibration={calibration!r}; its threshold must be a "
+            "number in [0, 1]. Re-run `flashmemory train`, or delete the key."
+        )
+    return calibration
 
 
 def _read_native(p: Path) -> tuple[MemoryIndexerConfig, dict[str, torch.Tensor]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -178,6 +179,30 @@ def threshold_sweep(
         }
         for r in results
     ]
+
+
+def calibrate_threshold(
+    sweep: list[dict[str, Any]], target_resident: float
+) -> dict[str, Any] | None:
+    """The lowest swept threshold whose held-out chunk resident fraction is at most
+    `target_resident`, read in the longest context bucket (more entries fire there, so
+    a threshold that meets the target at 16K meets it at 4K); None when none does.
+
+    Lowest, because among thresholds that meet the footprint it keeps the most chunks.
+    """
+    if not 0.0 < target_resident <= 1.0:
+        raise ValueError(
+            f"target_resident={target_resident!r} must lie in (0, 1], e.g. 0.1 for the "
+            "paper's ~10% of chunks."
+        )
+    for row in sorted(sweep, key=lambda r: r["threshold"]):
+        buckets = row.get("buckets") or {}
+        name = max(buckets, key=bucket_sort_key) if buckets else "all"
+        resident = (buckets[name] if buckets else row)["chunk_resident_fraction"]
+        if resident is not None and resident <= target_resident:
+            return {"threshold": row["threshold"], "target_resident": target_resident,
+                    "held_out_resident": resident, "bucket": name}
+    return None
 
 
 # Shares of the visible chunks a top-K selection keeps (lsa1 .. lsa20).

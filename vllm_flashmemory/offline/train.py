@@ -62,6 +62,7 @@ from vllm_flashmemory.offline.metrics import (
     bucket_sort_key,
     evaluate_indexer,
     plot_history,
+    calibrate_threshold,
     threshold_sweep,
     topk_sweep,
 )
@@ -117,6 +118,9 @@ class TrainConfig:
     relu_slope: float = 0.1
     relu_slope_epochs: int = 5
     # Focusing parameter gamma of Eq. 15 (the paper's 2).
+    # Held-out share of historical chunks the calibrated threshold may keep resident
+    # (checkpoint config.json's `calibration`, eval's default threshold); the paper's ~10%.
+    target_resident: float = 0.1
     focal_gamma: float = 2.0
     # Random negatives per positive, drawn from non-golden visible history (§2.4);
     # 0 = every non-golden visible entry.
@@ -198,6 +202,13 @@ class TrainConfig:
             raise ValueError(
                 f"focal_gamma={self.focal_gamma!r} must be >= 0; use 2 (the paper's)."
             )
+        if isinstance(self.target_resident, bool) or not (
+            isinstance(self.target_resident, (int, float)) and 0 < self.target_resident <= 1
+        ):
+            raise ValueError(
+                f"target_resident={self.target_resident!r} must lie in (0, 1]; use 0.1 "
+                "for the paper's ~10% of chunks."
+            )
 
 
 @dataclass
@@ -213,6 +224,8 @@ class TrainResult:
     val_documents: list[str]
     # Overall held-out metrics of the final model per threshold (metrics.py).
     threshold_sweep: list[dict[str, Any]] = field(default_factory=list)
+    # metrics.calibrate_threshold at cfg.target_resident (None: no threshold met it).
+    calibration: dict[str, Any] | None = None
     # Held-out top-K chunk recall and golden entry coverage per fraction (metrics.py).
     topk_sweep: list[dict[str, Any]] = field(default_factory=list)
 
@@ -475,7 +488,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         model, val_set, (*SWEEP_THRESHOLDS, cfg.threshold), cfg.routing, epc
     )
     topk = topk_sweep(model, val_set, routing=cfg.routing, entries_per_chunk=epc)
-    _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs, sweep, topk)
+    calibration = calibrate_threshold(sweep, cfg.target_resident)
+    if calibration is None:
+        logger.warning("no swept threshold keeps <= %s of held-out chunks resident; the "
+                       "checkpoint carries no calibration", cfg.target_resident)
+    else:
+        calibration = {**calibration, "chunk_tokens": cfg.chunk_tokens,
+                       "routing": cfg.routing}
+        model.save(out / "indexer", calibration=calibration)
+    _write_outputs(out, cfg, manifests, icfg, history, train_docs, val_docs, sweep, topk,
+                   calibration)
     return TrainResult(
         checkpoint=out / "indexer",
         metrics_path=out / "metrics.json",
@@ -488,6 +510,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         val_documents=[d.doc_id for d in val_docs],
         threshold_sweep=sweep,
         topk_sweep=topk,
+        calibration=calibration,
     )
 
 
@@ -525,6 +548,7 @@ def _write_outputs(
     val_docs: list,
     sweep: list[dict[str, Any]] | None = None,
     topk: list[dict[str, Any]] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> None:
     doc = {
         "train_config": {
@@ -547,6 +571,7 @@ def _write_outputs(
         "final": history[-1]["eval"] if history else None,
         "threshold_sweep": sweep,
         "topk_sweep": topk,
+        "calibration": calibration,
     }
     atomic_write(
         out / "metrics.json",
@@ -586,6 +611,8 @@ _FLAGS: dict[str, tuple[Any, str]] = {
                                "(0 = every non-golden visible entry)"),
     "sample_weighting": (str, "w of Eq. 15: 'window' (equal per window) or 'uniform'"),
     "threshold": (float, "evaluation threshold of Eq. 5"),
+    "target_resident": (float, "held-out share of historical chunks the calibrated "
+                        "threshold (written into the checkpoint) may keep resident"),
     "routing": (str, "cross-layer ensemble of Eq. 13: 'or' or 'mean'"),
     "chunk_tokens": (int, "chunk size for the chunk-level counts"),
     "val_fraction": (float, "fraction of documents held out"),
@@ -690,6 +717,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<18}" + " ".join(
                 f"{'n/a':>15}" if c is None else
                 f"{_fmt(c['entry_coverage']) + ' / ' + _fmt(c['chunk_recall']):>15}" for c in cells))
+    cal = res.calibration
+    print(f"calibrated threshold: {cal['threshold']} (held-out chunk resident "
+          f"{_fmt(cal['held_out_resident'])} in {cal['bucket']} <= {cal['target_resident']}; "
+          f"in {res.checkpoint}/config.json, eval's default)" if cal else
+          f"calibrated threshold: none keeps <= {cfg.target_resident} of held-out chunks "
+          "resident; pass --threshold to eval")
     print(f"metrics {res.metrics_path}, plot {res.plot_path}")
     return 0
 

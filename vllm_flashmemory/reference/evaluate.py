@@ -434,10 +434,18 @@ def _row_identity(spec: MethodSpec, identity: dict[str, str]) -> dict[str, str]:
 def check_identity_rows(
     cfg: EvalConfig, rows: Sequence[dict[str, Any]], identity: dict[str, str]
 ) -> None:
-    """Refuse to add rows to a results file made with another backbone or Memory
-    Indexer: a resumed table would mix accuracies of two different checkpoints."""
+    """Refuse to add rows to a results file made with another backbone, Memory Indexer
+    or lsa threshold: a resumed table would mix two settings under one label."""
     flags = {"model_sha256": "--model", "indexer_sha256": "--indexer"}
     for r in rows:
+        if r["method"] == Method.LSA.value and "threshold" in r and (
+            float(r["threshold"]) != float(cfg.threshold)
+        ):
+            raise ValueError(
+                f"--json {cfg.json_path!r} holds lsa rows at {r['context_tokens']} tokens "
+                f"with threshold {r['threshold']}, but this run's is {cfg.threshold}; "
+                f"pass --threshold {r['threshold']}, or write to another --json."
+            )
         for key, want in identity.items():
             have = r.get(key)
             if have is not None and have != want:
@@ -761,8 +769,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of samples and of the random method (default: %(default)s)")
     parser.add_argument("--tau", type=int, default=_D["tau"].default,
                         help="LSA refresh interval in decode steps (default: %(default)s)")
-    parser.add_argument("--threshold", type=float, default=_D["threshold"].default,
-                        help="Memory Indexer threshold, Eq. 5 (default: %(default)s)")
+    parser.add_argument("--threshold", type=float,
+                        help="Memory Indexer threshold, Eq. 5 (default: the indexer's "
+                        "calibration from `flashmemory train`, else "
+                        f"{_D['threshold'].default})")
     parser.add_argument("--local-window-tokens", type=int,
                         help="always-resident prompt tail in tokens at every length "
                         "(default: 1/8 of the context, the paper's 8K of 64K)")
@@ -785,8 +795,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-memory-fraction", type=float, help=argparse.SUPPRESS)
 
 
+def default_threshold(model: str | None, indexer: str | None) -> tuple[float, str]:
+    """The threshold `lsa` uses when --threshold is not given, and where it came from:
+    the Memory Indexer's calibration (`flashmemory train --target-resident`), else the
+    paper's 0.5. An uncalibrated 0.5 can keep half the history of a trained indexer."""
+    from vllm_flashmemory.core.memory_indexer import read_calibration
+
+    paper = EvalConfig.__dataclass_fields__["threshold"].default
+    try:
+        _, indexer_path = resolve_model_paths(model, indexer)
+    except FileNotFoundError:
+        return paper, "the paper's default (no model found yet)"
+    calibration = read_calibration(indexer_path) if indexer_path is not None else None
+    if calibration is None:
+        return paper, f"the paper's default; {indexer_path} carries no calibration"
+    resident = calibration.get("held_out_resident")
+    return float(calibration["threshold"]), (
+        f"{indexer_path}'s calibration: {resident:.3f} of held-out historical chunks "
+        f"resident at chunk {calibration.get('chunk_tokens')} tokens"
+        if isinstance(resident, (int, float)) else f"{indexer_path}'s calibration"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    threshold = args.threshold
+    if threshold is None:
+        threshold, source = default_threshold(args.model, args.indexer)
+        if any(s.method in _INDEXER_METHODS for s in parse_methods(args.methods)):
+            print(f"threshold {threshold} ({source}); --threshold overrides it")
     cfg = EvalConfig(
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
         lengths=parse_lengths(args.lengths),
@@ -799,7 +836,7 @@ def run(args: argparse.Namespace) -> int:
         task_file=args.task_file,
         seed=args.seed,
         tau=args.tau,
-        threshold=args.threshold,
+        threshold=threshold,
         local_window_tokens=args.local_window_tokens,
         chunk_tokens=args.chunk_tokens,
         max_new_tokens=args.max_new_tokens,
