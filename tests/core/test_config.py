@@ -89,3 +89,20 @@ def test_frozen():
     with pytest.raises(AttributeError):
         c.tau = 3  # type: ignore[misc]
     assert c.replace(tau=8).tau == 8
+
+
+def test_calibrated_indexer_sets_the_default_threshold(tmp_path):
+    """Without 'lsa.threshold' the indexer checkpoint's calibration sets it; an explicit
+    key wins; an uncalibrated checkpoint keeps the paper's 0.5."""
+    from vllm_flashmemory.core.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    indexer = MemoryIndexer(MemoryIndexerConfig(hidden_size=16, rank=8, n_heads=2,
+                                                head_dim=16, rope_dim=8, layer_ids=(0,)))
+    indexer.save(tmp_path / "cal", calibration={"threshold": 0.8, "target_resident": 0.1})
+    indexer.save(tmp_path / "plain")
+    cal = str(tmp_path / "cal")
+    assert LSAConfig.from_extra_config({"lsa.indexer_path": cal}).threshold == 0.8
+    assert LSAConfig.from_extra_config(
+        {"lsa.indexer_path": cal, "lsa.threshold": 0.3}).threshold == 0.3
+    assert LSAConfig.from_extra_config(
+        {"lsa.indexer_path": str(tmp_path / "plain")}).threshold == 0.5

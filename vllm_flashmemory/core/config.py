@@ -29,6 +29,8 @@ class LSAConfig:
     # Memory Indexer refresh interval in decode steps (τ, paper §2.1).
     tau: int = 64
     # Selection threshold on the sigmoid score I_{t,s} (Eq. 5); 0 keeps every chunk.
+    # from_extra_config without 'lsa.threshold' takes the indexer checkpoint's
+    # calibration (`flashmemory train --target-resident`) when it has one.
     threshold: float = 0.5
     # Indices among the model's CSA layers that carry a Memory Indexer (Eq. 13).
     indexer_layers: tuple[int, ...] = FLASH_INDEXER_LAYERS
@@ -174,7 +176,8 @@ class LSAConfig:
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> LSAConfig:
-        """Read every `lsa.*` key once; unknown `lsa.*` keys are an error."""
+        """Read every `lsa.*` key once; unknown `lsa.*` keys are an error. Without
+        'lsa.threshold', a calibrated indexer checkpoint sets the threshold."""
         extra = dict(extra or {})
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -200,6 +203,12 @@ class LSAConfig:
                     "indices such as [10, 12, 20]."
                 )
             kwargs["indexer_layers"] = tuple(layers)
+        if "threshold" not in kwargs and kwargs.get("indexer_path"):
+            from vllm_flashmemory.core.memory_indexer import read_calibration
+
+            calibration = read_calibration(kwargs["indexer_path"])
+            if calibration is not None:
+                kwargs["threshold"] = float(calibration["threshold"])
         return cls(**kwargs)
 
     def to_extra_config(self) -> dict[str, Any]:
