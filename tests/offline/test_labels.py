@@ -180,6 +180,17 @@ def test_refuses_bad_tensors():
 def test_label_config_validates():
     with pytest.raises(ValueError, match="tau=-1"):
         LabelConfig(tau=-1)
+    with pytest.raises(ValueError, match="source='softmax' is not a label source"):
+        LabelConfig(source="softmax")
+
+
+def test_top_p_defaults_by_source():
+    """The paper's 0.6 over the indexer's softmax; 0.3 over the peaked attention; an
+    explicit value wins either way."""
+    assert LabelConfig().top_p == 0.6
+    assert LabelConfig(source="attention").top_p == 0.3
+    assert LabelConfig(source="attention", top_p=0.6).top_p == 0.6
+    assert LabelConfig(top_p=0.3).top_p == 0.3
 
 
 def _write_fake_harvest(root, logits, prompt_tokens, shard_size):
