@@ -17,7 +17,8 @@ same normalized Walsh-Hadamard rotation, so q . k is taken in the cache's own sp
 Checkpoints: a directory holding `memory_indexer.safetensors` and `config.json`,
 both written atomically. config.json may carry a `calibration` (written by `flashmemory
 train`): the threshold of Eq. 5 that kept at most a target share of historical chunks
-resident on held-out windows, which `flashmemory eval` uses when no --threshold is given. The published FlashMemory retriever (a torch state dict with
+resident on held-out windows, used when no threshold is given (eval's --threshold,
+'lsa.threshold'). The published FlashMemory retriever (a torch state dict with
 keys `retrievers.l{id}.{wq_a.weight,q_norm_weight,wq_b.weight,weights_proj.weight}`,
 as read by the official SGLang hook `_TrainedScorer`) loads through the same `load`.
 """

@@ -60,9 +60,9 @@ from vllm_flashmemory.offline.dataset import (
 from vllm_flashmemory.offline.metrics import (
     SWEEP_THRESHOLDS,
     bucket_sort_key,
+    calibrate_threshold,
     evaluate_indexer,
     plot_history,
-    calibrate_threshold,
     threshold_sweep,
     topk_sweep,
 )
@@ -118,9 +118,6 @@ class TrainConfig:
     relu_slope: float = 0.1
     relu_slope_epochs: int = 5
     # Focusing parameter gamma of Eq. 15 (the paper's 2).
-    # Held-out share of historical chunks the calibrated threshold may keep resident
-    # (checkpoint config.json's `calibration`, eval's default threshold); the paper's ~10%.
-    target_resident: float = 0.1
     focal_gamma: float = 2.0
     # Random negatives per positive, drawn from non-golden visible history (§2.4);
     # 0 = every non-golden visible entry.
@@ -128,6 +125,9 @@ class TrainConfig:
     sample_weighting: Literal["window", "uniform"] = "window"
     # Selection threshold and routing of the evaluation (Eq. 5, 13).
     threshold: float = 0.5
+    # Held-out share of historical chunks the calibrated threshold may keep resident
+    # (checkpoint config.json's `calibration`, eval's default threshold); the paper's ~10%.
+    target_resident: float = 0.1
     routing: Literal["or", "mean"] = "or"
     # Chunk size for the chunk-level counts of the evaluation.
     chunk_tokens: int = 256
