@@ -17,7 +17,7 @@ logits, max over CSA layers); any other name is a Memory Indexer folder.
 Usage (repo root):
   python bench/answer_rank.py --harvest H --documents docs.jsonl \
       --indexers native vllm_flashmemory/assets/backbone/indexer runs/train/indexer \
-      [--skip-documents runs/train/metrics.json] [--json out.json]
+      [--skip-documents runs/train/metrics.json] [--json out.json] [--plot out.png]
 Several --harvest/--documents pairs may be given (in the same order).
 """
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-window-tokens", type=int, default=1024)
     p.add_argument("--sink-chunks", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="bar chart of the recall per task (PNG)")
     args = p.parse_args(argv)
     if len(args.harvest) != len(args.documents):
         p.error(f"--harvest has {len(args.harvest)} folders but --documents "
@@ -159,7 +160,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        print(f"plot {plot(rows, names, short, args.plot)}")
     return 0
+
+
+def plot(rows: list[dict], names: list[str], short: dict[str, str], path: str) -> Path:
+    """One panel per prompt length and top-K share: bars of answer-chunk recall per task,
+    one bar per indexer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["prompt_tokens"], r["fraction"]) for r in rows})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    width = 0.8 / len(names)
+    for ax, (P, f) in zip(axes[:, 0], panels):
+        tasks = sorted({r["task"] for r in rows if r["prompt_tokens"] == P})
+        for k, name in enumerate(names):
+            got = {r["task"]: r["answer_chunk_recall"] for r in rows
+                   if (r["prompt_tokens"], r["fraction"], r["indexer"]) == (P, f, name)}
+            ax.bar([i + k * width for i in range(len(tasks))],
+                   [got.get(t, 0.0) for t in tasks], width, label=short[name])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
+        ax.set_xticklabels([t.replace("niah_", "") for t in tasks], fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("answer-chunk recall")
+        ax.set_title(f"prompt {P} tokens, top {f:g} of historical chunks", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=min(len(names), 4))
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":

@@ -43,3 +43,13 @@ def test_bad_fractions_are_refused(tmp_path, capsys):
         answer_rank.main(["--harvest", str(tmp_path), "--documents", "x.jsonl",
                           "--indexers", "native", "--fractions", "0.03,3"])
     assert "--fractions 0.03,3 must be shares in (0, 1]" in capsys.readouterr().err
+
+
+def test_plot_draws_one_panel_per_length_and_share(tmp_path):
+    rows = [{"task": t, "prompt_tokens": P, "indexer": i, "fraction": f, "n": 2,
+             "answer_chunk_recall": 0.5}
+            for t in ("niah_single_1", "vt") for P in (4096, 16384)
+            for i in ("native", "a/indexer") for f in (0.03, 0.1)]
+    out = answer_rank.plot(rows, ["native", "a/indexer"],
+                           {"native": "native", "a/indexer": "a/indexer"}, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
