@@ -41,6 +41,7 @@ from vllm_flashmemory.core.residency_planner import (
     keep_count,
 )
 from vllm_flashmemory.offline.dataset import HarvestManifest, load_document
+from vllm_flashmemory.offline.metrics import document_task
 
 NATIVE = "native"
 
@@ -68,10 +69,6 @@ def historical(prompt_tokens: int, lsa: LSAConfig) -> list[int]:
     planner = ResidencyPlanner(lsa)
     planner.add_request("doc", prompt_tokens)
     return list(planner.historical_chunks("doc"))
-
-
-def task_of(doc_id: str) -> str:
-    return doc_id.split("-", 1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,23 +109,27 @@ def main(argv: list[str] | None = None) -> int:
         m = HarvestManifest.read(Path(harvest))
         P = m.prompt_tokens + 1  # the query sits on the prompt's last token
         ept = args.chunk_tokens // m.geometry.compress_ratio
+        n_chunks = -(-P // args.chunk_tokens)
+        hist = historical(P, lsa)  # every document of a harvest has the same prompt length
         for info in m.documents:
             if not info.complete or info.doc_id in skip:
                 continue
             text = texts[info.doc_id].encode()
             prompt, tail = text[: P - 1], text[P - 1 :].decode()
-            hist = historical(P, lsa)
             wanted = answer_chunks(prompt, answer_strings(tail), args.chunk_tokens) & set(hist)
             if not wanted:
                 continue
-            n_chunks = -(-P // args.chunk_tokens)
+            loaded = {}  # layer_ids -> DocumentWindows: read each document once per layer set
             for name, model in models.items():
                 if model is None:
                     with safe_open(str(info.root / info.dir / "shard00000.safetensors"), "pt") as f:
                         assert int(f.get_tensor("positions")[0]) == P - 1
                         entry = f.get_tensor("logits")[0].float().amax(0)  # [N]
                 else:
-                    doc = load_document(m, info, model.config.layer_ids)
+                    layer_ids = model.config.layer_ids
+                    if layer_ids not in loaded:
+                        loaded[layer_ids] = load_document(m, info, layer_ids)
+                    doc = loaded[layer_ids]
                     assert int(doc.positions[0]) == P - 1
                     with torch.no_grad():  # [L, 1, N] -> [N]
                         s = model(doc.hidden[:1].transpose(0, 1), doc.positions[:1], doc.k_icomp)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = [hist[i] for i in torch.argsort(chunk, descending=True, stable=True)]
                 for f in fractions:
                     kept = set(order[: keep_count(f, len(hist))])
-                    recall[(task_of(info.doc_id), P, name, f)].append(len(wanted & kept) / len(wanted))
+                    recall[(document_task(info.doc_id), P, name, f)].append(len(wanted & kept) / len(wanted))
     rows = [{"task": t, "prompt_tokens": P, "indexer": name, "fraction": f, "n": len(v),
              "answer_chunk_recall": sum(v) / len(v)} for (t, P, name, f), v in sorted(recall.items())]
     if not rows:
