@@ -10,7 +10,7 @@
 #   THRESHOLD=x fixes the threshold; otherwise the lowest swept threshold whose held-out
 #   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
 #   bucket is <= RESIDENT_TARGET (metrics.calibrate_threshold, as `flashmemory train`
-#   calibrates the checkpoint).
+#   calibrates the checkpoint); with INDEXER=DIR, eval's default (DIR's calibration).
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
 #   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags;
 #   LABELS=attention (default) harvests with --attention and labels with --source
@@ -79,32 +79,26 @@ if [ -z "${INDEXER:-}" ]; then
   echo "indexer ready at $(( $(date +%s) - T0 )) s"
   [ "${EVAL:-1}" = 0 ] && exit 0
 fi
-if [ -z "${THRESHOLD:-}" ]; then
-  THRESHOLD=$(python3 - "$INDEXER" "$RESIDENT_TARGET" <<'PY'
+if [ -z "${THRESHOLD:-}" ] && [ -f "$(dirname "$INDEXER")/metrics.json" ]; then
+  # trained by this run: calibrate at RESIDENT_TARGET (a given checkpoint is left to
+  # eval, whose default is the checkpoint's own calibration)
+  THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'
 import json, sys
-from pathlib import Path
-from vllm_flashmemory.core.memory_indexer import read_calibration
 from vllm_flashmemory.offline.metrics import calibrate_threshold
-indexer, target = Path(sys.argv[1]), float(sys.argv[2])
-metrics = indexer.parent / "metrics.json"
-if metrics.is_file():  # trained by this run: calibrate at RESIDENT_TARGET
-    sweep = json.loads(metrics.read_text())["threshold_sweep"]
-    calibration = calibrate_threshold(sweep, target)
-    print(calibration["threshold"] if calibration else max(r["threshold"] for r in sweep))
-else:  # a given checkpoint: its own calibration, else the paper's 0.5
-    calibration = read_calibration(indexer)
-    print(calibration["threshold"] if calibration else 0.5)
+sweep = json.load(open(sys.argv[1]))["threshold_sweep"]
+calibration = calibrate_threshold(sweep, float(sys.argv[2]))
+print(calibration["threshold"] if calibration else max(r["threshold"] for r in sweep))
 PY
 )
 fi
-echo "threshold $THRESHOLD"
+echo "threshold ${THRESHOLD:-(eval's default: the checkpoint's calibration, else 0.5)}"
 LEFT=$(( DEADLINE_S - ($(date +%s) - T0) ))
 # The eval writes one log per worker beside its results file; kept in WORK, they do
 # not crowd OUT (the lent GPU returns at most 8 files from it: 11 worker logs once
 # pushed a trained backbone out). A grid already in OUT is resumed.
 [ -f "$OUT/grid.json" ] && cp "$OUT/grid.json" "$WORK/grid.json"
 timeout "$LEFT" $CLI eval --model "$BB" --indexer "$INDEXER" --tasks "$TASKS" \
-  --lengths "$LENGTHS" --methods "$METHODS" --n "$N" --threshold "$THRESHOLD" \
+  --lengths "$LENGTHS" --methods "$METHODS" --n "$N" ${THRESHOLD:+--threshold "$THRESHOLD"} \
   --prefill-chunk-tokens 512 $EVAL_ARGS --workers "$WORKERS" --json "$WORK/grid.json" --device "$DEVICE" --no-progress 2>&1 | tail -40
 EVAL_RC=${PIPESTATUS[0]}
 cp "$WORK/grid.json" "$OUT/grid.json" 2>/dev/null
