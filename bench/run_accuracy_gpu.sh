@@ -9,7 +9,7 @@
 #   INDEXER=DIR skips harvest/label/train and evaluates with that Memory Indexer.
 #   THRESHOLD=x fixes the threshold; otherwise the lowest swept threshold whose held-out
 #   chunk resident fraction (historical chunks, at EVAL_CHUNK) in the longest context
-#   bucket is <= RESIDENT_TARGET (metrics.calibrate_threshold, as `flashmemory train`
+#   bucket is <= TARGET_RESIDENT (metrics.calibrate_threshold, as `flashmemory train`
 #   calibrates the checkpoint); with INDEXER=DIR, eval's default (DIR's calibration).
 #   EVAL=0 stops once the Memory Indexer is trained (OUT/indexer.tgz).
 #   INDEXER_ARGS="--negatives-per-positive 0" adds `flashmemory train` flags;
@@ -31,7 +31,7 @@ DOCS=${DOCS:-4096:80,16384:16}; DOC_SEED=${DOC_SEED:-0}
 # Harvest processes side by side (the tiny backbone is launch-bound, not GPU-bound) and
 # an optional time box in seconds: documents finished by then are labelled and used.
 HARVEST_WORKERS=${HARVEST_WORKERS:-10}; HARVEST_S=${HARVEST_S:-0}
-EVAL_CHUNK=${EVAL_CHUNK:-32}; RESIDENT_TARGET=${RESIDENT_TARGET:-0.1}
+EVAL_CHUNK=${EVAL_CHUNK:-32}; TARGET_RESIDENT=${TARGET_RESIDENT:-${RESIDENT_TARGET:-0.1}}  # RESIDENT_TARGET: its old name
 LABELS=${LABELS:-attention}; LABEL_ARGS=${LABEL_ARGS---layers 0 --min-votes 1 --top-p 0.3}
 EVAL_ARGS=${EVAL_ARGS---local-window-tokens 1024 --chunk-tokens 32}
 TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,no_context}
@@ -71,7 +71,8 @@ if [ -z "${INDEXER:-}" ]; then
   done
   echo "harvest done at $(( $(date +%s) - T0 )) s"
   $CLI train "${HARVESTS[@]}" --out-dir "$WORK/train" --chunk-tokens "$EVAL_CHUNK" \
-    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --device "$DEVICE" ${INDEXER_ARGS:-} \
+    --epochs "${EPOCHS:-10}" --init native --lr 1e-3 --target-resident "$TARGET_RESIDENT" \
+    --device "$DEVICE" ${INDEXER_ARGS:-} \
     --no-progress | tail -32
   [ -f "$WORK/train/metrics.json" ] || { echo "no Memory Indexer was trained"; exit 1; }
   tar -C "$WORK" -czf "$OUT/indexer.tgz" train/indexer train/metrics.json
@@ -80,9 +81,9 @@ if [ -z "${INDEXER:-}" ]; then
   [ "${EVAL:-1}" = 0 ] && exit 0
 fi
 if [ -z "${THRESHOLD:-}" ] && [ -f "$(dirname "$INDEXER")/metrics.json" ]; then
-  # trained by this run: calibrate at RESIDENT_TARGET (a given checkpoint is left to
+  # trained by this run: calibrate at TARGET_RESIDENT (a given checkpoint is left to
   # eval, whose default is the checkpoint's own calibration)
-  THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$RESIDENT_TARGET" <<'PY'
+  THRESHOLD=$(python3 - "$(dirname "$INDEXER")/metrics.json" "$TARGET_RESIDENT" <<'PY'
 import json, sys
 from vllm_flashmemory.offline.metrics import calibrate_threshold
 sweep = json.load(open(sys.argv[1]))["threshold_sweep"]
