@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             row = json.loads(line)
             texts[row["id"]] = row["text"]
         m = HarvestManifest.read(Path(harvest))
+        missing = [d.doc_id for d in m.documents if d.complete and d.doc_id not in texts]
+        if missing:
+            p.error(f"--documents {docs_path} lacks {len(missing)} of {harvest}'s documents "
+                    f"(e.g. {missing[0]!r}); pass the JSONL that harvest was made from.")
         P = m.prompt_tokens + 1  # the query sits on the prompt's last token
         ept = args.chunk_tokens // m.geometry.compress_ratio
         n_chunks = -(-P // args.chunk_tokens)

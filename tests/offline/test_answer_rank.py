@@ -53,3 +53,18 @@ def test_plot_draws_one_panel_per_length_and_share(tmp_path):
     out = answer_rank.plot(rows, ["native", "a/indexer"],
                            {"native": "native", "a/indexer": "a/indexer"}, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_documents_that_do_not_match_the_harvest_are_refused(tmp_path, capsys, monkeypatch):
+    """A JSONL without the harvest's documents is named before any scoring."""
+    import types
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "other-1", "text": "x"}\n')
+    fake = types.SimpleNamespace(documents=[types.SimpleNamespace(doc_id="vt-7", complete=True)])
+    monkeypatch.setattr(answer_rank.HarvestManifest, "read", staticmethod(lambda root: fake))
+    with pytest.raises(SystemExit):
+        answer_rank.main(["--harvest", str(tmp_path), "--documents", str(docs),
+                          "--indexers", "native"])
+    err = capsys.readouterr().err
+    assert "lacks 1 of" in err and "'vt-7'" in err and "pass the JSONL" in err
