@@ -6,7 +6,12 @@ import time
 
 import pytest
 
-from vllm_flashmemory.core.side_by_side import run_side_by_side
+from vllm_flashmemory.core.side_by_side import (
+    gpu_slot_env,
+    run_side_by_side,
+    visible_gpus,
+    workers_per_gpu,
+)
 
 
 def _py(code: str) -> list[str]:
@@ -84,3 +89,53 @@ def test_logs_may_go_to_a_folder_that_does_not_exist_yet(tmp_path):
     log = tmp_path / "new" / "deeper" / "0.log"
     assert run_side_by_side([_py("print('here')")], [log]) == []
     assert log.read_text().strip() == "here"
+
+
+def test_parallel_caps_how_many_run_at_once(tmp_path):
+    # Each command holds a marker file while it runs and fails if it sees more than
+    # `parallel` markers: with 2 slots, 5 commands never overlap by more than 2.
+    live = tmp_path / "live"
+    live.mkdir()
+    code = ("import os,time,pathlib,sys\n"
+            "d=pathlib.Path(sys.argv[1]); me=d/str(os.getpid()); me.touch()\n"
+            "n=len(list(d.iterdir())); time.sleep(0.3); me.unlink()\n"
+            "print(n); sys.exit(0 if n<=2 else 9)\n")
+    cmds = [_py(code) + [str(live)] for _ in range(5)]
+    logs = [tmp_path / f"{i}.log" for i in range(5)]
+    assert run_side_by_side(cmds, logs, parallel=2) == []
+    seen = [int(p.read_text()) for p in logs]
+    assert max(seen) <= 2 and len(seen) == 5
+
+
+def test_slot_env_names_each_slot(tmp_path):
+    # Slot i's commands see SLOT=i: 3 commands on 2 slots use slots 0 and 1 only,
+    # and the first two start on different slots.
+    cmds = [_py("import os,time; time.sleep(0.2); print(os.environ['SLOT'])") for _ in range(3)]
+    logs = [tmp_path / f"{i}.log" for i in range(3)]
+    assert run_side_by_side(cmds, logs, parallel=2,
+                            slot_env=lambda s: {"SLOT": str(s)}) == []
+    slots = [p.read_text().strip() for p in logs]
+    assert slots[:2] == ["0", "1"] and slots[2] in ("0", "1")
+
+
+def test_parallel_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="parallel=0"):
+        run_side_by_side([_py("pass")], [tmp_path / "0.log"], parallel=0)
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    assert visible_gpus("cpu") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert visible_gpus("cuda") == ["2", "5"]
+
+
+def test_gpu_slot_env_pins_slots_round_robin():
+    assert gpu_slot_env([]) is None
+    env = gpu_slot_env(["2", "5"])
+    assert [env(i)["CUDA_VISIBLE_DEVICES"] for i in range(5)] == ["2", "5", "2", "5", "2"]
+
+
+def test_workers_per_gpu_rounds_up():
+    assert workers_per_gpu(11, []) == 11  # no GPU list: all share one device
+    assert workers_per_gpu(11, ["0", "1"]) == 6
+    assert workers_per_gpu(88, [str(i) for i in range(8)]) == 11
