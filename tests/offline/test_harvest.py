@@ -257,6 +257,8 @@ def test_cuda_workers_split_the_gpu_memory():
     again = parser.parse_args(cmd[4:])
     assert again.cuda_memory_fraction == pytest.approx(0.225)
     assert (again.worker, again.device) == ("1/4", "cuda")
+    two_gpus = parser.parse_args(worker_command(args, 1, workers_per_gpu=2)[4:])
+    assert two_gpus.cuda_memory_fraction == pytest.approx(0.45)  # 4 workers on 2 GPUs
     cpu = parser.parse_args(["--model", "m", "--out", "o", "--documents", "d.jsonl",
                              "--prompt-tokens", "8", "--workers", "4"])
     assert "--cuda-memory-fraction" not in worker_command(cpu, 0)

@@ -30,7 +30,12 @@ import torch
 
 from vllm_flashmemory.core.atomic import atomic_save_tensors, atomic_write_text
 from vllm_flashmemory.core.rotation import hadamard_rotate
-from vllm_flashmemory.core.side_by_side import run_side_by_side
+from vllm_flashmemory.core.side_by_side import (
+    gpu_slot_env,
+    run_side_by_side,
+    visible_gpus,
+    workers_per_gpu,
+)
 from vllm_flashmemory.dsv4.capture import IndexerCapture, chunked_forward, mask_to_doc
 from vllm_flashmemory.dsv4.checkpoint import (
     CONFIG_FILE,
@@ -345,9 +350,12 @@ def parse_worker(text: str | None) -> tuple[int, int] | None:
     return i, k
 
 
-def worker_command(args: argparse.Namespace, i: int) -> list[str]:
+def worker_command(
+    args: argparse.Namespace, i: int, workers_per_gpu: int | None = None
+) -> list[str]:
     """`flashmemory harvest` for worker i of args.workers: the same documents and
-    settings, its own share (--worker i/k), no progress bar."""
+    settings, its own share (--worker i/k), no progress bar. workers_per_gpu:
+    processes sharing its GPU (default args.workers)."""
     cmd = [sys.executable, "-m", "vllm_flashmemory.cli", "harvest",
            "--model", args.model, "--out", args.out,
            "--prompt-tokens", str(args.prompt_tokens),
@@ -366,7 +374,8 @@ def worker_command(args: argparse.Namespace, i: int) -> list[str]:
         cmd += ["--hidden-layers", *map(str, args.hidden_layers)]
     if args.device == "cuda":
         # Capped like eval's workers (dsv4.checkpoint.worker_memory_fraction says why).
-        cmd += ["--cuda-memory-fraction", f"{worker_memory_fraction(args.workers):.4f}"]
+        share = worker_memory_fraction(workers_per_gpu or args.workers)
+        cmd += ["--cuda-memory-fraction", f"{share:.4f}"]
     return cmd
 
 
@@ -379,11 +388,15 @@ def harvest_side_by_side(
     Returns the manifest and one report per failed worker."""
     harvest(cfg, docs, token_ids, plan_only=True)
     logs = [Path(cfg.out) / f"worker{i}.log" for i in range(args.workers)]
+    gpus = visible_gpus(args.device)  # worker i on gpus[i % len(gpus)]
+    per_gpu = workers_per_gpu(args.workers, gpus)
     for i, log in enumerate(logs):
-        print(f"harvest worker {i}/{args.workers}: log {log}")
+        where = f" on GPU {gpus[i % len(gpus)]}" if gpus else ""
+        print(f"harvest worker {i}/{args.workers}{where}: log {log}")
     failures = run_side_by_side(
-        [worker_command(args, i) for i in range(args.workers)], logs,
+        [worker_command(args, i, per_gpu) for i in range(args.workers)], logs,
         env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+        slot_env=gpu_slot_env(gpus),
         on_stop=lambda: harvest(cfg, docs, token_ids, plan_only=True),
     )
     return harvest(cfg, docs, token_ids, plan_only=True), failures
