@@ -591,3 +591,36 @@ def test_native_init_refusals(tmp_path):
     with pytest.raises(FileNotFoundError, match="--backbone"):
         cli_main(["train", str(root), "--out-dir", str(tmp_path / "o"), "--epochs", "1",
                   "--init", "native", "--backbone", str(tmp_path / "nope"), "--no-progress"])
+
+
+def test_calibrate_threshold_reads_the_longest_bucket():
+    """The lowest swept threshold whose held-out chunk resident fraction, in the
+    longest context bucket, meets the target; None when none does."""
+    def row(t, short, long):
+        return {"threshold": t, "chunk_resident_fraction": 0.0,
+                "buckets": {"16K-32K": {"chunk_resident_fraction": long},
+                            "0-1K": {"chunk_resident_fraction": short}}}
+
+    sweep = [row(0.9, 0.01, 0.02), row(0.5, 0.05, 0.40), row(0.7, 0.30, 0.08)]
+    got = calibrate_threshold(sweep, 0.1)
+    # 0.7 meets 10% at 16K-32K though its short bucket keeps 30%; 0.5 keeps 40% there
+    assert got == {"threshold": 0.7, "target_resident": 0.1, "held_out_resident": 0.08,
+                   "bucket": "16K-32K"}
+    assert calibrate_threshold(sweep, 0.01) is None
+    flat = [{"threshold": 0.5, "chunk_resident_fraction": None},
+            {"threshold": 0.6, "chunk_resident_fraction": 0.05}]
+    assert calibrate_threshold(flat, 0.1)["threshold"] == 0.6  # no buckets: the overall
+    with pytest.raises(ValueError, match="target_resident=0 must lie in"):
+        calibrate_threshold(sweep, 0)
+
+
+def test_train_writes_the_calibration_into_checkpoint_and_metrics(tmp_path):
+    make_harvest(tmp_path / "h", n_docs=4)
+    res = train(_cfg(tmp_path, epochs=1, target_resident=1.0))  # any sweep meets 100%
+    assert res.calibration is not None and res.calibration["target_resident"] == 1.0
+    assert res.calibration["chunk_tokens"] == 64 and res.calibration["routing"] == "or"
+    assert read_calibration(res.checkpoint) == res.calibration
+    saved = json.loads(res.metrics_path.read_text())["calibration"]
+    assert saved == res.calibration
+    # the lowest swept threshold, since every one keeps at most 100%
+    assert res.calibration["threshold"] == min(r["threshold"] for r in res.threshold_sweep)

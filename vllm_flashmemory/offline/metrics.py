@@ -181,6 +181,17 @@ def threshold_sweep(
     ]
 
 
+def check_target_resident(target_resident: Any) -> None:
+    """Refuse a calibration target outside (0, 1] (or not a number) before any work."""
+    if isinstance(target_resident, bool) or not (
+        isinstance(target_resident, (int, float)) and 0 < target_resident <= 1
+    ):
+        raise ValueError(
+            f"target_resident={target_resident!r} must lie in (0, 1]; use 0.1 for the "
+            "paper's ~10% of chunks."
+        )
+
+
 def calibrate_threshold(
     sweep: list[dict[str, Any]], target_resident: float
 ) -> dict[str, Any] | None:
@@ -190,11 +201,7 @@ def calibrate_threshold(
 
     Lowest, because among thresholds that meet the footprint it keeps the most chunks.
     """
-    if not 0.0 < target_resident <= 1.0:
-        raise ValueError(
-            f"target_resident={target_resident!r} must lie in (0, 1], e.g. 0.1 for the "
-            "paper's ~10% of chunks."
-        )
+    check_target_resident(target_resident)
     for row in sorted(sweep, key=lambda r: r["threshold"]):
         buckets = row.get("buckets") or {}
         name = max(buckets, key=bucket_sort_key) if buckets else "all"

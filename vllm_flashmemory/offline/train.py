@@ -61,6 +61,7 @@ from vllm_flashmemory.offline.metrics import (
     SWEEP_THRESHOLDS,
     bucket_sort_key,
     calibrate_threshold,
+    check_target_resident,
     evaluate_indexer,
     plot_history,
     threshold_sweep,
@@ -202,13 +203,7 @@ class TrainConfig:
             raise ValueError(
                 f"focal_gamma={self.focal_gamma!r} must be >= 0; use 2 (the paper's)."
             )
-        if isinstance(self.target_resident, bool) or not (
-            isinstance(self.target_resident, (int, float)) and 0 < self.target_resident <= 1
-        ):
-            raise ValueError(
-                f"target_resident={self.target_resident!r} must lie in (0, 1]; use 0.1 "
-                "for the paper's ~10% of chunks."
-            )
+        check_target_resident(self.target_resident)
 
 
 @dataclass
