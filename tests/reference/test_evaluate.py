@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -185,6 +186,15 @@ def test_fixed_window_rows_and_resume_guard(tmp_path, stub_tasks, factory):
         _cfg(tmp_path, chunk_tokens=6)
 
 
+def test_plot_series_means_and_flags_partial_methods():
+    rows = [_row("a", 128, "full", 1.0), _row("b", 128, "full", 0.0),
+            _row("a", 128, "lsa3", 1.0)]
+    rows[2]["kv_bytes_gpu"] = 0.5
+    series = {label: (lengths, xs, ys) for label, lengths, xs, ys in evaluate.plot_series(rows)}
+    assert series["full"] == ([128], [100.0], [50.0])
+    assert series["lsa3 (1 of 2 tasks)"] == ([128], [50.0], [100.0])
+
+
 def test_tables_list_shares_in_budget_order():
     labels = ["lsa10", "oracle10", "lsa3", "full", "lsa", "oracle3", "recency"]
     assert sorted(labels, key=evaluate.method_sort_key) == [
@@ -257,23 +267,46 @@ def test_workers_flag_is_validated(tmp_path):
         evaluate.parse_cells("niah_single_1")
 
 
-def test_plan_cells_splits_missing_cells_longest_first(tmp_path):
+def _units(plan):
+    return [(u.task, u.length, ",".join(s.label for s in u.methods)) for u in plan]
+
+
+def test_plan_units_one_job_per_missing_cell_costliest_first(tmp_path):
     cfg = evaluate.EvalConfig(
         tasks=("t1", "t2"), lengths=(128, 512, 256), methods=parse_methods("full,lsa"),
         json_path=str(tmp_path / "e.json"), workers=2,
     )
-    # t1@512 is done; t2@128 lacks lsa, so it is still missing.
+    # t1@512 is done; t2@128 lacks lsa, so it is still missing, with lsa alone.
     rows = [_row("t1", 512, "full"), _row("t1", 512, "lsa"), _row("t2", 128, "full")]
-    plan = evaluate.plan_cells(cfg, rows)
-    assert plan == [[("t2", 512), ("t2", 256), ("t2", 128)], [("t1", 256), ("t1", 128)]]
-    assert evaluate.plan_cells(cfg, rows) == plan  # deterministic
-    many = dataclasses.replace(cfg, workers=10)
-    flat = [c for g in evaluate.plan_cells(many, rows) for c in g]
-    assert sorted(flat) == sorted([("t1", 128), ("t1", 256), ("t2", 128), ("t2", 256),
-                                   ("t2", 512)])
-    assert all(len(g) == 1 for g in evaluate.plan_cells(many, rows))
+    plan = evaluate.plan_units(cfg, rows)
+    assert _units(plan) == [("t2", 512, "full,lsa"), ("t1", 256, "full,lsa"),
+                            ("t2", 256, "full,lsa"), ("t1", 128, "full,lsa"),
+                            ("t2", 128, "lsa")]
+    assert evaluate.plan_units(cfg, rows) == plan  # deterministic
     done = [_row(t, n, m) for t in cfg.tasks for n in cfg.lengths for m in ("full", "lsa")]
-    assert evaluate.plan_cells(cfg, done) == []
+    assert evaluate.plan_units(cfg, done) == []
+
+
+def test_plan_units_splits_cells_by_methods_to_fill_the_workers(tmp_path):
+    """One cell, many methods, 4 workers: the costliest job halves until there are 4;
+    together they hold each missing method once; oracle jobs without full and quest
+    jobs without lsa count the pass they need."""
+    methods = "full,lsa,oracle10,oracle25,oracle50,quest,random,recency"
+    cfg = evaluate.EvalConfig(tasks=("t",), lengths=(1024,), methods=parse_methods(methods),
+                              json_path=str(tmp_path / "e.json"), workers=4)
+    plan = evaluate.plan_units(cfg, [_row("t", 1024, "random")])
+    assert len(plan) == 4
+    labels = [s.label for u in plan for s in u.methods]
+    assert sorted(labels) == sorted(set(methods.split(",")) - {"random"})
+    assert [u.cost for u in plan] == sorted((u.cost for u in plan), reverse=True)
+    assert max(u.passes for u in plan) <= 4  # 8 passes in one job before the split
+    oracle_only = evaluate.WorkUnit("t", 1024, parse_methods("oracle25,oracle50"))
+    assert oracle_only.passes == 4  # prefill, full's attention, two oracles
+    quest = evaluate.WorkUnit("t", 1024, parse_methods("lsa,quest"))
+    assert quest.passes == 3
+    # one method per cell cannot split further: as many jobs as methods
+    many = dataclasses.replace(cfg, workers=50, methods=parse_methods("full,lsa"))
+    assert _units(evaluate.plan_units(many, [])) == [("t", 1024, "full"), ("t", 1024, "lsa")]
 
 
 def test_merge_rows_keeps_the_main_files_rows():
@@ -297,12 +330,13 @@ def test_cells_restrict_run_eval(tmp_path, stub_tasks, factory):
 def test_worker_command_keeps_the_settings(tmp_path):
     cfg = _cfg(tmp_path, methods="full,oracle,random,lsa5", threshold=0.25, workers=3,
                model="m", task_file="f.jsonl", local_window_tokens=1024, chunk_tokens=32)
-    cmd = evaluate.worker_command(cfg, [("niah_single_1", 256)], "s.json")
+    unit = evaluate.WorkUnit("niah_single_1", 256, parse_methods("oracle,lsa5"))
+    cmd = evaluate.worker_command(cfg, unit, "s.json")
     assert cmd[:4] == [sys.executable, "-m", "vllm_flashmemory.cli", "eval"]
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     args = parser.parse_args(cmd[4:])
-    assert parse_methods(args.methods) == cfg.methods
+    assert parse_methods(args.methods) == unit.methods  # the job's methods only
     assert evaluate.parse_lengths(args.lengths) == cfg.lengths
     assert evaluate.parse_cells(args.cells) == (("niah_single_1", 256),)
     assert (args.json, args.workers, args.no_progress, args.plot) == ("s.json", 1, True, None)
@@ -319,8 +353,11 @@ def test_cuda_workers_split_the_gpu_memory(tmp_path):
         _cfg(tmp_path, cuda_memory_fraction=1.5)
     cfg = _cfg(tmp_path, workers=3)
     object.__setattr__(cfg, "device", "cuda")  # no GPU needed to build the command
-    cmd = evaluate.worker_command(cfg, [("niah_single_1", 256)], "s.json")
+    unit = evaluate.WorkUnit("niah_single_1", 256, cfg.methods)
+    cmd = evaluate.worker_command(cfg, unit, "s.json")
     assert cmd[cmd.index("--cuda-memory-fraction") + 1] == "0.3000"
+    cmd = evaluate.worker_command(cfg, unit, "s.json", workers_per_gpu=2)  # 2 GPUs
+    assert cmd[cmd.index("--cuda-memory-fraction") + 1] == "0.4500"
 
 
 def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypatch, capsys):
@@ -334,9 +371,10 @@ def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypa
         _row("niah_single_1", 128, "full", acc=0.0), _row("niah_single_1", 128, "recency")])
     launched, failing = [], [("niah_single_1", 256)]
 
-    def fake(cfg, cells, shard):
-        launched.append(list(cells))
-        rows = [_row(t, n, m) for t, n in cells for m in ("full", "recency")]
+    def fake(cfg, unit, shard, workers_per_gpu=None):
+        cells = [(unit.task, unit.length)]
+        launched.append(cells)
+        rows = [_row(t, n, s.label) for t, n in cells for s in unit.methods]
         fail = any(c in failing for c in cells)
         if fail:
             rows = rows[:1]
@@ -364,6 +402,34 @@ def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypa
     assert cli.main(argv) == 0  # the rerun only runs the cell the dead worker missed
     assert launched == [[("niah_single_1", 256)]]
     assert len(evaluate.read_rows(out)) == 6
+
+
+def test_worker_slots_spread_over_the_gpus(tmp_path, stub_tasks, monkeypatch):
+    """3 jobs on 2 slots over GPUs 3 and 7: each job's process sees its slot's GPU
+    alone, the first two run on different GPUs, and at most 2 run at once."""
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr(evaluate, "visible_gpus", lambda device: ["3", "7"])
+
+    def fake(cfg, unit, shard, workers_per_gpu=None):
+        rows = [_row(unit.task, unit.length, s.label) for s in unit.methods]
+        script = (f"import os\nfrom vllm_flashmemory.reference.evaluate import write_rows\n"
+                  f"write_rows({shard!r}, {rows!r})\n"
+                  f"print(os.environ['CUDA_VISIBLE_DEVICES'], {workers_per_gpu})")
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(evaluate, "worker_command", fake)
+    cfg = dataclasses.replace(_cfg(tmp_path, methods="full,recency", workers=2),
+                              lengths=(128, 256, 512), json_path=str(out))
+    logs = []
+    rows, failures = evaluate.run_workers(cfg, print_fn=logs.append)
+    assert failures == [] and len(rows) == 6
+    assert logs[0] == "3 jobs, 2 at a time over GPUs 3,7"
+    seen = []
+    for i in range(3):
+        gpu, per_gpu = Path(f"{out}.worker{i}.log").read_text().split()
+        seen.append(gpu)
+        assert per_gpu == "1"  # 2 slots over 2 GPUs: one process per GPU
+    assert sorted(seen[:2]) == ["3", "7"] and seen[2] in ("3", "7")
 
 
 def test_rows_name_their_weights_and_resume_refuses_others(tmp_path, stub_tasks, factory):

@@ -22,10 +22,13 @@ row names the weights it measured (`model_sha256`; lsa and quest rows also
 `indexer_sha256`), and a rerun with another backbone or Memory Indexer is refused, so
 a resumed file never mixes two of them.
 
-`--workers N` runs the missing cells in N `flashmemory eval` subprocesses on the same
-device (the tiny backbone's eval is bound by Python, not the GPU), each with its own
-`--cells` list and its own shard `<json>.worker<i>.json`; the shards merge into --json
-when they finish, or at the start of the next run if this one was killed.
+`--workers N` runs the missing rows as jobs of N `flashmemory eval` subprocesses at a
+time (the tiny backbone's eval is bound by Python, not the GPU): one job per cell, or,
+with fewer cells than workers, the costliest cells split by methods (plan_units). On
+CUDA the worker slots spread round-robin over every visible GPU, so one command fills
+a multi-GPU host. Each job writes its own shard `<json>.worker<i>.json`; the shards
+merge into --json when they finish, or at the start of the next run if this one was
+killed.
 """
 
 from __future__ import annotations
@@ -47,7 +50,12 @@ from typing import Any
 
 from vllm_flashmemory.core.atomic import atomic_write, atomic_write_text
 from vllm_flashmemory.core.config import LSAConfig
-from vllm_flashmemory.core.side_by_side import run_side_by_side
+from vllm_flashmemory.core.side_by_side import (
+    gpu_slot_env,
+    run_side_by_side,
+    visible_gpus,
+    workers_per_gpu,
+)
 from vllm_flashmemory.reference.methods import (
     Method,
     MethodSpec,
@@ -483,14 +491,56 @@ def _missing_cells(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> list[tupl
 # ---- side-by-side workers (--workers) ---------------------------------------------------
 
 
-def plan_cells(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> list[list[tuple[str, int]]]:
-    """The missing cells dealt round-robin to cfg.workers groups, longest lengths first
-    (the slow cells start first); empty groups are dropped."""
-    todo = sorted(_missing_cells(cfg, rows), key=lambda cell: -cell[1])
-    groups: list[list[tuple[str, int]]] = [[] for _ in range(cfg.workers)]
-    for i, cell in enumerate(todo):
-        groups[i % cfg.workers].append(cell)
-    return [g for g in groups if g]
+@dataclass(frozen=True)
+class WorkUnit:
+    """One worker's job: some methods of one (task, length) cell."""
+
+    task: str
+    length: int
+    methods: tuple[MethodSpec, ...]
+
+    @property
+    def passes(self) -> int:
+        """Prefill plus decode passes over the cell's samples: full and lsa when
+        _base_decodes says so (named or needed), then one per other method."""
+        need_full, need_lsa = _base_decodes(self.methods)
+        others = [s for s in self.methods if s.label not in ("full", "lsa")]
+        return 1 + need_full + need_lsa + len(others)
+
+    @property
+    def cost(self) -> int:
+        return self.length * self.passes
+
+    def halves(self) -> tuple[WorkUnit, WorkUnit]:
+        """The split (in method order) whose larger half has the fewest passes."""
+        ordered = _method_order(self.methods)
+        parts = [
+            (WorkUnit(self.task, self.length, tuple(ordered[:k])),
+             WorkUnit(self.task, self.length, tuple(ordered[k:])))
+            for k in range(1, len(ordered))
+        ]
+        return min(parts, key=lambda ab: (max(ab[0].passes, ab[1].passes), -len(ab[0].methods)))
+
+
+def plan_units(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> list[WorkUnit]:
+    """The missing rows as worker jobs, costliest first: one per cell (its samples are
+    prefilled once for all its methods), and while there are fewer jobs than
+    cfg.workers the costliest job splits in two by methods, so a grid with few cells
+    and many methods still fills every worker (a split re-runs the prefill)."""
+    done = {cell_key(r) for r in rows}
+    units = [
+        WorkUnit(task, length, tuple(_method_order(
+            [s for s in cfg.methods if (task, length, s.label) not in done])))
+        for task, length in _missing_cells(cfg, rows)
+    ]
+    while len(units) < cfg.workers:
+        splittable = [u for u in units if len(u.methods) > 1]
+        if not splittable:
+            break
+        big = max(splittable, key=lambda u: u.cost)
+        i = units.index(big)
+        units[i : i + 1] = big.halves()
+    return sorted(units, key=lambda u: -u.cost)  # stable: ties keep task order
 
 
 def merge_rows(
@@ -526,15 +576,18 @@ def merge_shards(json_path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str) -> list[str]:
-    """`flashmemory eval` for one worker: cfg's settings, its cells, its shard."""
+def worker_command(
+    cfg: EvalConfig, unit: WorkUnit, shard: str, workers_per_gpu: int | None = None
+) -> list[str]:
+    """`flashmemory eval` for one job: cfg's settings, its cell and methods, its shard.
+    workers_per_gpu: processes sharing this worker's GPU (default cfg.workers)."""
     cmd = [
         sys.executable, "-m", "vllm_flashmemory.cli", "eval",
         "--tasks", ",".join(cfg.tasks),
         "--lengths", ",".join(map(str, cfg.lengths)),
-        "--methods", ",".join(s.label for s in cfg.methods),
+        "--methods", ",".join(s.label for s in unit.methods),
         "--json", shard,
-        "--cells", ",".join(f"{t}@{n}" for t, n in cells),
+        "--cells", f"{unit.task}@{unit.length}",
         "--n", str(cfg.n), "--seed", str(cfg.seed), "--tau", str(cfg.tau),
         "--threshold", repr(cfg.threshold), "--max-new-tokens", str(cfg.max_new_tokens),
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
@@ -547,7 +600,8 @@ def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str
     if cfg.device == "cuda":
         from vllm_flashmemory.dsv4.checkpoint import worker_memory_fraction
 
-        cmd += ["--cuda-memory-fraction", f"{worker_memory_fraction(cfg.workers):.4f}"]
+        share = worker_memory_fraction(workers_per_gpu or cfg.workers)
+        cmd += ["--cuda-memory-fraction", f"{share:.4f}"]
     for flag, value in (("--model", cfg.model), ("--indexer", cfg.indexer),
                         ("--task-file", cfg.task_file)):
         if value is not None:
@@ -558,28 +612,46 @@ def worker_command(cfg: EvalConfig, cells: Sequence[tuple[str, int]], shard: str
 def run_workers(
     cfg: EvalConfig, print_fn: Callable[[str], None] = print
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Evaluate the missing cells in cfg.workers subprocesses side by side; returns the
-    merged rows and one report per failed worker (its exit code and log tail)."""
+    """Evaluate the missing rows as plan_units jobs, cfg.workers at a time, each
+    worker slot on one GPU (round-robin over visible_gpus); returns the merged rows
+    and one report per failed job (its exit code and log tail)."""
     _check_tasks(cfg)
     rows = merge_shards(cfg.json_path)  # shards a killed run left behind
     check_window_rows(cfg, rows)
     check_identity_rows(cfg, rows, run_identity(cfg, _needs_indexer(cfg)))
-    groups = plan_cells(cfg, rows)
-    if not groups:
+    units = plan_units(cfg, rows)
+    if not units:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
         return rows, []
+    slots = min(cfg.workers, len(units))
+    gpus = visible_gpus(cfg.device)
+    per_gpu = workers_per_gpu(slots, gpus)
+    print_fn(f"{len(units)} jobs, {slots} at a time"
+             + (f" over GPUs {','.join(gpus[:slots])}" if gpus else ""))
     commands, logs = [], []
-    for i, cells in enumerate(groups):
+    for i, unit in enumerate(units):
         shard, log = f"{cfg.json_path}.worker{i}.json", f"{cfg.json_path}.worker{i}.log"
-        print_fn(f"worker {i}: {' '.join(f'{t}@{n}' for t, n in cells)} (log {log})")
-        commands.append(worker_command(cfg, cells, shard))
+        methods = ",".join(s.label for s in unit.methods)
+        print_fn(f"job {i}: {unit.task}@{unit.length} {methods} (log {log})")
+        commands.append(worker_command(cfg, unit, shard, per_gpu))
         logs.append(log)
     failures = run_side_by_side(
         commands, logs, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
-        # every finished cell is kept; a rerun runs the rest
+        parallel=slots,
+        slot_env=gpu_slot_env(gpus),
+        # every finished job is kept; a rerun runs the rest
         on_stop=lambda: merge_shards(cfg.json_path),
     )
     return merge_shards(cfg.json_path), failures
+
+
+def _base_decodes(specs: Sequence[MethodSpec]) -> tuple[bool, bool]:
+    """Whether a sample needs the full decode (named, or for oracle's attention) and
+    the threshold-lsa decode (named, or for quest's budget)."""
+    labels = {s.label for s in specs}
+    need_full = "full" in labels or any(s.method is Method.ORACLE for s in specs)
+    need_lsa = "lsa" in labels or any(s.method is Method.QUEST for s in specs)
+    return need_full, need_lsa
 
 
 def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConfig) -> None:
@@ -587,9 +659,7 @@ def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConf
     answer_tokens = max(len(tokenizer(a).input_ids) for a in sample.answers)
     limit = min(cfg.max_new_tokens, answer_tokens + 8)
     prefill = engine.prefill(prompt)
-    labels = {s.label for s in specs}
-    need_full = any(s.method is Method.ORACLE for s in specs) or "full" in labels
-    need_lsa = any(s.method is Method.QUEST for s in specs) or "lsa" in labels
+    need_full, need_lsa = _base_decodes(specs)
     full = lsa = None
     if need_full:
         full = engine.generate(prefill, MethodSpec(Method.FULL), max_new_tokens=limit,
@@ -705,6 +775,28 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_series(
+    rows: Sequence[dict[str, Any]],
+) -> list[tuple[str, list[int], list[float], list[float]]]:
+    """(label, context lengths, % KV on device, % accuracy) per method, each point
+    the mean over that length's tasks. A method with rows for fewer tasks than the
+    grid holds says so in its label ("lsa3 (10 of 12 tasks)"): its mean is not
+    comparable with the others'."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["context_tokens"]), []).append(r)
+    n_tasks = len({r["task"] for r in rows})
+    series = []
+    for method in sorted({m for m, _ in groups}, key=method_sort_key):
+        pts = sorted((ctx, g) for (m, ctx), g in groups.items() if m == method)
+        xs = [100 * sum(r["kv_bytes_gpu"] / r["kv_bytes_full"] for r in g) / len(g) for _, g in pts]
+        ys = [100 * sum(r["accuracy"] for r in g) / len(g) for _, g in pts]
+        covered = min(len({r["task"] for r in g}) for _, g in pts)
+        label = method if covered == n_tasks else f"{method} ({covered} of {n_tasks} tasks)"
+        series.append((label, [ctx for ctx, _ in pts], xs, ys))
+    return series
+
+
 def plot_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Accuracy against KV footprint (kv_bytes_gpu / kv_bytes_full), one series per
     method, one point per context length averaged over tasks (cf. the paper's Fig. 1)."""
@@ -713,16 +805,13 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["context_tokens"]), []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({m for m, _ in groups}, key=method_sort_key):
-        pts = sorted((ctx, g) for (m, ctx), g in groups.items() if m == method)
-        xs = [100 * sum(r["kv_bytes_gpu"] / r["kv_bytes_full"] for r in g) / len(g) for _, g in pts]
-        ys = [100 * sum(r["accuracy"] for r in g) / len(g) for _, g in pts]
-        ax.plot(xs, ys, marker="o", label=method)
-        for (ctx, _), x, y in zip(pts, xs, ys):
+    series = plot_series(rows)
+    # the default cycle repeats after 10 colours (full and recency came out alike)
+    colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+    for i, (label, lengths, xs, ys) in enumerate(series):
+        ax.plot(xs, ys, marker="o", label=label, color=colors[i % len(colors)])
+        for ctx, x, y in zip(lengths, xs, ys):
             ax.annotate(f"{ctx // 1024}K" if ctx >= 1024 else str(ctx), (x, y),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("KV cache on device, % of full KV (kv_bytes_gpu / kv_bytes_full)")
@@ -789,8 +878,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fp32 either way (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--workers", type=int, default=_D["workers"].default,
-                        help="processes that evaluate cells side by side on the same "
-                        "device; rows merge into --json (default: %(default)s)")
+                        help="processes that evaluate cells side by side (with fewer "
+                        "cells than workers, cells split by methods); on cuda they "
+                        "spread over every visible GPU; rows merge into --json "
+                        "(default: %(default)s)")
     parser.add_argument("--cells", help=argparse.SUPPRESS)  # a worker's task@length list
     parser.add_argument("--cuda-memory-fraction", type=float, help=argparse.SUPPRESS)
 
