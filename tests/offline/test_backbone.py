@@ -337,6 +337,38 @@ def test_lead_weight_scales_only_the_lead_tokens():
         bb.BackboneTrainConfig(out="x", lead_weight=0.5)
 
 
+def test_value_lead_mask_marks_each_listed_values_first_byte():
+    # "Q 12, 34." with answer " 12, 34.": the mask holds "3" (after ", ") and not
+    # "1" (after the answer's own leading space it is lead_mask's), nor context bytes
+    # after a space ("Q" ... " ").
+    ex = bb.encode("Q 12, 34.")
+    ids = torch.tensor([ex])
+    mask = torch.tensor([[False, False, True, True, True, True, True, True, True, True]])
+    got = bb.value_lead_mask(ids, mask)  # lead_mask's "1" is not in it
+    assert bb.decode([i for i, m in zip(ex, got[0].tolist()) if m]) == "3"
+    assert not bb.value_lead_mask(ids, torch.zeros_like(mask)).any()
+
+
+def test_value_lead_weight_scales_only_later_values():
+    ex = bb.encode(" 12, 34.")  # BOS then 8 answer bytes
+    ids = torch.tensor([ex])
+    mask = torch.tensor([[False] + [True] * 8])
+    logits = torch.full((1, 9, 300), -30.0)
+    for t in range(8):
+        logits[0, t, ids[0, t + 1]] = 30.0
+    wrong = ex.index(bb.encode("3")[1])  # the later value's first byte, position 6
+    logits[0, wrong - 1] = 0.0  # predicted uniformly: CE = log 300
+    log300 = torch.log(torch.tensor(300.0)).item()
+    _, plain, _ = bb.lm_loss(logits, ids, mask, context_weight=0.0)
+    _, heavy, _ = bb.lm_loss(logits, ids, mask, context_weight=0.0, value_lead_weight=4.0)
+    _, lead_only, _ = bb.lm_loss(logits, ids, mask, context_weight=0.0, lead_weight=4.0)
+    assert plain.item() == pytest.approx(log300 / 8, rel=1e-4)
+    assert heavy.item() == pytest.approx(4 * log300 / 11, rel=1e-4)  # weights 4 + 7 x 1
+    assert lead_only.item() == pytest.approx(log300 / 14, rel=1e-4)  # 2 leads at 4
+    with pytest.raises(ValueError, match="value_lead_weight=0"):
+        bb.BackboneTrainConfig(out="x", value_lead_weight=0)
+
+
 def test_answer_text_follows_the_context_order():
     s = tasks.TaskSample(
         "x", "niah_multivalue", "... 222 ... 111 ...", "q", ("111", "222")

@@ -551,17 +551,44 @@ def lead_mask(answer_mask: torch.Tensor) -> torch.Tensor:
     return start | second
 
 
-def lm_loss(logits, ids, answer_mask, context_weight: float, lead_weight: float = 1.0):
-    """CE on answer tokens (each span's two lead tokens at lead_weight) +
-    context_weight x CE on the rest (both weighted token means)."""
+SPACE_ID = N_SPECIAL + ord(" ")
+
+
+def value_lead_mask(ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: answer tokens right after a space inside the same answer, the first
+    byte of each later listed value (after ", ") or vt name (after " "), lead_mask's
+    tokens excluded. There the model picks which needle to copy next; a multi-value
+    answer that repeats its first value ("1096512, 1096512, ...", stage 7's typical
+    miss) is wrong at exactly these bytes, and lead_mask covers only the first value's."""
+    a = answer_mask
+    after_space = torch.zeros_like(a)
+    after_space[:, 1:] = (ids[:, :-1] == SPACE_ID) & a[:, :-1]
+    return a & after_space & (ids != SPACE_ID) & ~lead_mask(a)
+
+
+def lm_loss(
+    logits,
+    ids,
+    answer_mask,
+    context_weight: float,
+    lead_weight: float = 1.0,
+    value_lead_weight: float = 1.0,
+):
+    """CE on answer tokens (each span's two lead tokens at lead_weight, the first byte
+    of every later listed value at value_lead_weight) + context_weight x CE on the
+    rest (both weighted token means)."""
     tgt = ids[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, reduction="none")
     valid = tgt != PAD_ID
     ans = valid & answer_mask[:, 1:]
     ctx = valid & ~ans
     w = ans.float()
+    lead = ans & lead_mask(answer_mask)[:, 1:]
     if lead_weight != 1.0:
-        w = w + (lead_weight - 1.0) * (ans & lead_mask(answer_mask)[:, 1:]).float()
+        w = w + (lead_weight - 1.0) * lead.float()
+    if value_lead_weight != 1.0:
+        later = ans & value_lead_mask(ids, answer_mask)[:, 1:]
+        w = w + (value_lead_weight - 1.0) * later.float()
     ans_loss = (ce * w).sum() / w.sum().clamp(min=1)
     ctx_loss = (ce * ctx).sum() / ctx.sum().clamp(min=1)
     return ans_loss + context_weight * ctx_loss, ans_loss, ctx_loss
@@ -622,6 +649,10 @@ class BackboneTrainConfig:
         default=1.0,
         metadata=_opt("loss weight of each answer's first two tokens (lead_mask)"),
     )
+    value_lead_weight: float = field(
+        default=1.0,
+        metadata=_opt("loss weight of the first byte of each later listed value (value_lead_mask)"),
+    )
     indexer_length: int = field(default=2048, metadata=_opt("indexer warm-up row length"))
     indexer_lr: float = field(default=1e-3, metadata=_opt("indexer warm-up learning rate"))
     eval_lengths: tuple[int, ...] = field(
@@ -676,10 +707,11 @@ class BackboneTrainConfig:
                 f"tokens_per_step={self.tokens_per_step} is below the "
                 "longest curriculum length; raise it."
             )
-        if self.lead_weight < 1 or self.context_weight < 0:
+        if self.lead_weight < 1 or self.value_lead_weight < 1 or self.context_weight < 0:
             raise ValueError(
-                f"lead_weight={self.lead_weight}, context_weight={self.context_weight}: "
-                "use lead_weight >= 1 (1: no extra weight) and context_weight >= 0."
+                f"lead_weight={self.lead_weight}, value_lead_weight="
+                f"{self.value_lead_weight}, context_weight={self.context_weight}: use "
+                "lead weights >= 1 (1: no extra weight) and context_weight >= 0."
             )
         if self.eval_n < 1 or self.seed < 0:
             raise ValueError(
@@ -760,13 +792,14 @@ def probe_rows(length: int, n: int) -> dict[str, list[Example]]:
 
 @torch.no_grad()
 def probe(model, rows: dict[str, list[Example]], dev: str, batch: int) -> dict:
-    """Per kind: answer-token accuracy, accuracy on the lead tokens (lead_mask) and
-    the share of rows with every answer token right."""
+    """Per kind: answer-token accuracy, accuracy on the lead tokens (lead_mask), on
+    the first bytes of later listed values (value_lead_mask, where a kind has them)
+    and the share of rows with every answer token right."""
     was_training = model.training
     model.eval()
     result = {}
     for kind, exs in rows.items():
-        hit = tot = exact = lead_hit = lead_tot = 0
+        hit = tot = exact = lead_hit = lead_tot = later_hit = later_tot = 0
         for i in range(0, len(exs), batch):
             ids = torch.tensor([e.ids for e in exs[i : i + batch]], device=dev)
             ans = torch.tensor([e.answer_mask for e in exs[i : i + batch]], device=dev)
@@ -778,12 +811,17 @@ def probe(model, rows: dict[str, list[Example]], dev: str, batch: int) -> dict:
             tot += a.sum().item()
             lead_hit += (ok & lead).sum().item()
             lead_tot += lead.sum().item()
+            later = value_lead_mask(ids, ans)[:, 1:] & a
+            later_hit += (ok & later).sum().item()
+            later_tot += later.sum().item()
             exact += ((ok | ~a).all(-1)).sum().item()
         result[kind] = {
             "tok_acc": round(hit / max(tot, 1), 3),
             "lead_acc": round(lead_hit / max(lead_tot, 1), 3),
             "row_exact": round(exact / len(exs), 3),
         }
+        if later_tot:  # rows that list several values (value_lead_mask)
+            result[kind]["value_lead_acc"] = round(later_hit / later_tot, 3)
     model.train(was_training)
     return result
 
@@ -875,7 +913,10 @@ def train_backbone(model, cfg: BackboneTrainConfig, log: Log) -> None:
                     g["lr"] = lr
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
                     logits = model(input_ids=ids).logits
-                loss, ans, ctx = lm_loss(logits, ids, ans_mask, cfg.context_weight, cfg.lead_weight)
+                loss, ans, ctx = lm_loss(
+                    logits, ids, ans_mask, cfg.context_weight, cfg.lead_weight,
+                    cfg.value_lead_weight,
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1005,6 +1046,13 @@ def greedy(model, prompt_ids: list[int], max_new: int, dev: str) -> list[int]:
     return new
 
 
+def greedy_answer(model, sample: tasks.TaskSample, dev: str) -> str:
+    """The model's greedy answer to a task sample, capped at its trained answer's
+    length + 8 tokens (the caller sets the attention and native top-k)."""
+    max_new = count_tokens(answer_text(sample)) + 8
+    return decode(greedy(model, encode(sample.context + sample.question), max_new, dev))
+
+
 def evaluate(
     model,
     cfg: BackboneTrainConfig,
@@ -1026,12 +1074,7 @@ def evaluate(
                 for s in tasks.generate(task, length, n, 20261123, count_tokens):
                     if time.time() > deadline:
                         break
-                    max_new = count_tokens(answer_text(s)) + 8
-                    pred = decode(
-                        greedy(
-                            model, encode(s.context + s.question), max_new, cfg.device
-                        )
-                    )
+                    pred = greedy_answer(model, s, cfg.device)
                     scores.append(tasks.score(s, pred))
                 if scores:
                     cell = {
