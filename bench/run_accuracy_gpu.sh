@@ -34,8 +34,8 @@ HARVEST_WORKERS=${HARVEST_WORKERS:-10}; HARVEST_S=${HARVEST_S:-0}
 EVAL_CHUNK=${EVAL_CHUNK:-32}; TARGET_RESIDENT=${TARGET_RESIDENT:-${RESIDENT_TARGET:-0.1}}  # RESIDENT_TARGET: its old name
 LABELS=${LABELS:-attention}; LABEL_ARGS=${LABEL_ARGS---layers 0 --min-votes 1 --top-p 0.3}
 EVAL_ARGS=${EVAL_ARGS---local-window-tokens 1024 --chunk-tokens 32}
-TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,no_context}
-LENGTHS=${LENGTHS:-16k}; METHODS=${METHODS:-full,lsa,recency,random,oracle10,quest}
+TASKS=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe,no_context}
+LENGTHS=${LENGTHS:-8k,16k,32k}; METHODS=${METHODS:-full,lsa,recency,random,oracle,quest}
 N=${N:-16}; WORKERS=${WORKERS:-11}; WORK=${WORK:-/tmp/acc}; T0=$(date +%s)
 CLI="bash scripts/gpu_cli.sh"
 mkdir -p "$OUT" "$WORK"
