@@ -8,6 +8,7 @@ Scenarios:
 - answers are where RULER puts them: needles in the context, the vt chain, the 10
   common words (most frequent), the 3 most frequent coded words, the no_context code
   in the question only;
+- single_answer() says which tasks always have one answer, as generate writes them;
 - score() is RULER's string_match_all (fraction found, case-insensitive);
 - read_task_file() reads str or list answers and names the line of a bad row;
 - bad arguments name the value and the fix.
@@ -101,6 +102,15 @@ def test_niah_needles_hold_the_answers(task, n_answers):
         )
     else:
         assert re.fullmatch(r"\d{7}", s.answers[0])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_single_answer_matches_what_generate_writes(task):
+    # flashmemory eval keeps rows of single-answer tasks from before its answer
+    # limit covered every answer; a wrong True here would keep cut-short rows.
+    for seed in (0, 1):
+        s = tasks.generate(task, 8192, 1, seed, byte_count)[0]
+        assert tasks.single_answer(task) == (len(s.answers) == 1), s.answers
 
 
 def test_niah_haystacks_follow_ruler():

@@ -9,6 +9,9 @@ Scenarios:
   only the missing cells.
 - a foreign JSON file at --json is refused instead of overwritten.
 - no backbone anywhere gives a message naming `flashmemory demo`.
+- each sample decodes with room for every answer (a four-answer row is written whole,
+  where the old longest-answer + 8 limit cut it to one or two), and a file holding
+  multi-answer rows from that old limit is refused, its single-answer rows kept.
 - --workers: the missing cells split round-robin, longest first, each exactly once;
   merged rows keep the main file's row of a cell; --cells restricts run_eval; the
   worker command keeps every setting; a fake two-worker run merges a killed run's
@@ -69,6 +72,7 @@ def _stub_tasks() -> types.ModuleType:
     mod.generate = generate
     mod.score = lambda sample, prediction: float(sample.answers[0] in prediction)
     mod.read_task_file = lambda path: []
+    mod.single_answer = lambda task: task == "niah_single_1"
     mod.TaskSample = _Sample
     return mod
 
@@ -511,3 +515,59 @@ def test_resume_refuses_lsa_rows_of_another_threshold(tmp_path, stub_tasks, fact
                        "this run's is 0.8; pass --threshold 0.5"):
         evaluate.run_eval(_cfg(tmp_path, methods="full,lsa,recency", threshold=0.8),
                           engine_factory=factory, tokenizer=tok, print_fn=quiet)
+
+
+class _ListingEngine:
+    """Writes every answer of the sample, listed, and stops at max_new_tokens: what
+    the limit lets through is what gets scored."""
+
+    def __init__(self, text: str):
+        self.ids, self.limits = _ByteTokenizer()(text).input_ids[1:], []
+
+    def prefill(self, prompt):
+        return types.SimpleNamespace(seconds=0.0)
+
+    def generate(self, prefill, spec, max_new_tokens, **kw):
+        self.limits.append(max_new_tokens)
+        return types.SimpleNamespace(
+            tokens=self.ids[:max_new_tokens], resident_chunks=1, total_chunks=1,
+            kv_bytes_gpu=1.0, kv_bytes_full=1.0, seconds=0.0,
+            chunk_attention_mass=None, mean_selected_chunks=1.0,
+        )
+
+
+@pytest.mark.parametrize("task", ["niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"])
+def test_every_answer_fits_the_decode_limit(tmp_path, task):
+    from vllm_flashmemory.offline import backbone, tasks
+
+    sample = tasks.generate(task, 8192, 1, 0, backbone.count_tokens)[0]
+    listed = backbone.answer_text(sample)  # the backbone's trained form, the longest
+    engine = _ListingEngine(listed)
+    cfg = _cfg(tmp_path, methods="full,recency")
+    cfg = dataclasses.replace(cfg, max_new_tokens=evaluate.EvalConfig.max_new_tokens)
+    stats = {label: evaluate._CellStats() for label in ("full", "recency")}
+    evaluate._run_sample(engine, _ByteTokenizer(), tasks, sample, cfg.methods, stats, cfg)
+    assert len(sample.answers) > 1
+    assert set(engine.limits) == {min(cfg.max_new_tokens, evaluate.answer_token_limit(
+        [len(a.encode()) + 1 for a in sample.answers]))}
+    assert engine.limits[0] >= len(engine.ids)  # nothing of the listed answer is cut
+    assert stats["full"].scores == [1.0] and stats["recency"].scores == [1.0]
+
+
+def test_answer_token_limit_keeps_the_single_answer_rule():
+    assert evaluate.answer_token_limit([8]) == 16  # longest answer + 8, as before
+    assert evaluate.answer_token_limit([8, 8, 8, 8]) == 32 + 3 * 4 + 8
+
+
+def test_resume_refuses_multi_answer_rows_of_the_old_limit(tmp_path):
+    from vllm_flashmemory.offline import tasks
+
+    cfg = _cfg(tmp_path)
+    old_single = _row("niah_single_1", 128, "full", 1.0)
+    old_multi = _row("niah_multivalue", 128, "full", 0.25)
+    new_multi = {**old_multi, "answer_limit": evaluate.ANSWER_LIMIT_RULE}
+    assert not tasks.single_answer("niah_multivalue")
+    evaluate.check_answer_limit_rows(cfg, [old_single, new_multi])  # both kept
+    with pytest.raises(ValueError, match="rows of niah_multivalue decoded for the "
+                       "longest answer only.*delete those rows"):
+        evaluate.check_answer_limit_rows(cfg, [old_single, old_multi])

@@ -101,6 +101,16 @@ NIAH: dict[str, NiahSpec] = {
 }
 
 
+
+def single_answer(task: str) -> bool:
+    """Whether every sample of `task` has exactly one answer (the multi-answer tasks
+    score the share of answers written, RULER's string_match_all)."""
+    spec = NIAH.get(task)
+    if spec is not None:
+        return spec.n_values * spec.n_queries == 1
+    return task == "no_context"
+
+
 # ---------------------------------------------------------------- offline data
 
 

@@ -101,8 +101,9 @@ class EvalConfig:
     # length; None = scaled with the context (methods.scaled_window).
     local_window_tokens: int | None = None
     chunk_tokens: int | None = None
-    # Cap on generated tokens; each sample gets its answer's length + 8 below it.
-    max_new_tokens: int = 48
+    # Cap on generated tokens; each sample gets room for every answer below it
+    # (answer_token_limit). cwe's ten numbered words need ~125 byte tokens.
+    max_new_tokens: int = 160
     prefill_chunk_tokens: int = 1024
     progress: bool = True
     # Where the backbone, the Memory Indexer and the device KV run: "cpu" or "cuda".
@@ -320,6 +321,7 @@ def run_eval(
     done = {cell_key(r) for r in rows}
     _check_tasks(cfg)
     check_window_rows(cfg, rows)
+    check_answer_limit_rows(cfg, rows)
     needs_indexer = _needs_indexer(cfg)
     if engine_factory is None or tokenizer is None:
         identity = run_identity(cfg, needs_indexer)
@@ -366,6 +368,8 @@ def run_eval(
             "local_window_tokens": window.local_window_tokens,
             "tau": cfg.tau,
             "threshold": cfg.threshold,
+            "answer_limit": ANSWER_LIMIT_RULE,
+            "max_new_tokens": cfg.max_new_tokens,
         }
         for spec in specs:
             rows.append(stats[spec.label].row(
@@ -398,6 +402,28 @@ def check_window_rows(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> None:
                 f"uses {want.local_window_tokens} and {want.chunk_tokens}; write to "
                 "another --json, or pass the file's --local-window-tokens/--chunk-tokens."
             )
+
+
+def check_answer_limit_rows(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> None:
+    """Refuse to resume a results file whose multi-answer rows were decoded under
+    another answer limit: before "answer_limit" rows stopped at the longest answer
+    + 8 tokens, which scored a four-value row at one or two values at most. Single-
+    answer rows (niah_single, multikey, no_context) had the same limit then and now."""
+    from vllm_flashmemory.offline import tasks as task_lib
+
+    def rule(row: dict[str, Any]) -> str | None:
+        if "answer_limit" in row:
+            return row["answer_limit"]
+        return ANSWER_LIMIT_RULE if task_lib.single_answer(row["task"]) else None
+
+    stale = sorted({r["task"] for r in rows if rule(r) != ANSWER_LIMIT_RULE})
+    if stale:
+        raise ValueError(
+            f"--json {cfg.json_path!r} holds rows of {', '.join(stale)} decoded for the "
+            f"longest answer only (no answer_limit {ANSWER_LIMIT_RULE!r}), which cut "
+            "multi-answer outputs short; delete those rows from the file (or write to "
+            "another --json) and rerun to measure them with room for every answer."
+        )
 
 
 # Methods whose rows depend on the Memory Indexer (quest takes lsa's budget).
@@ -618,6 +644,7 @@ def run_workers(
     _check_tasks(cfg)
     rows = merge_shards(cfg.json_path)  # shards a killed run left behind
     check_window_rows(cfg, rows)
+    check_answer_limit_rows(cfg, rows)
     check_identity_rows(cfg, rows, run_identity(cfg, _needs_indexer(cfg)))
     units = plan_units(cfg, rows)
     if not units:
@@ -656,8 +683,8 @@ def _base_decodes(specs: Sequence[MethodSpec]) -> tuple[bool, bool]:
 
 def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConfig) -> None:
     prompt = tokenizer(build_prompt(sample)).input_ids
-    answer_tokens = max(len(tokenizer(a).input_ids) for a in sample.answers)
-    limit = min(cfg.max_new_tokens, answer_tokens + 8)
+    limit = min(cfg.max_new_tokens,
+                answer_token_limit([len(tokenizer(a).input_ids) for a in sample.answers]))
     prefill = engine.prefill(prompt)
     need_full, need_lsa = _base_decodes(specs)
     full = lsa = None
@@ -684,6 +711,19 @@ def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConf
             result = engine.generate(prefill, spec, max_new_tokens=limit)
         text = tokenizer.decode(list(result.tokens), skip_special_tokens=True)
         stats[spec.label].add(task_lib.score(sample, text), result, prefill.seconds)
+
+
+# Tokens per answer beyond its own, for what lists it: ", " or cwe's " 10. ".
+ANSWER_SEPARATOR_TOKENS = 4
+# The rule rows carry as "answer_limit"; rows without it were decoded for the longest
+# answer + 8 only, which cut multi-answer rows to one or two answers.
+ANSWER_LIMIT_RULE = "all_answers+8"
+
+
+def answer_token_limit(answer_tokens: Sequence[int]) -> int:
+    """Decode steps for a sample whose answers take `answer_tokens` tokens each: room
+    to write every one, listed, + 8. One answer: its length + 8, as before."""
+    return sum(answer_tokens) + ANSWER_SEPARATOR_TOKENS * (len(answer_tokens) - 1) + 8
 
 
 def build_prompt(sample: Any) -> str:
