@@ -3,6 +3,10 @@
 `flashmemory eval` reports scores; this shows what was written, which is how the
 multi-value failure was read ("1096512, 1096512, ...": the right first value,
 then a repeat). Full KV only (native top-k covering every entry), no LSA.
+`--cut-at-longest-answer` also scores each answer cut where `flashmemory eval` cut it
+before 2026-11-25 (the longest single answer + 8 tokens), which is how that limit was
+found to score a four-value row at one or two values at most (greedy decoding is
+prefix-stable, so the cut answer is what the shorter decode wrote).
 Usage: python scripts/greedy_answers.py --tasks niah_multivalue,niah_multiquery \
            --length 4096 --n 3 [--model vllm_flashmemory/assets/backbone] [--device cpu]
 """
@@ -23,6 +27,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=555, help="sample seed")
     ap.add_argument("--model", default="vllm_flashmemory/assets/backbone", help="backbone folder")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--cut-at-longest-answer", action="store_true",
+                    help="also score the answer cut at the longest answer + 8 tokens")
     args = ap.parse_args()
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in tasks.TASKS]
@@ -37,11 +43,22 @@ def main() -> int:
         model, backbone.FULL_TOPK, skip_scores=True
     ):
         for task in names:
+            scores, cut_scores = [], []
             for s in tasks.generate(task, args.length, args.n, args.seed, backbone.count_tokens):
                 t0 = time.perf_counter()
                 pred = backbone.greedy_answer(model, s, args.device)
-                print(f"{task} score {tasks.score(s, pred):.2f} ({time.perf_counter() - t0:.1f} s)"
-                      f"\n  gold:{backbone.answer_text(s)}\n  pred:{pred}", flush=True)
+                scores.append(tasks.score(s, pred))
+                line = f"{task} score {scores[-1]:.2f} ({time.perf_counter() - t0:.1f} s)"
+                if args.cut_at_longest_answer:
+                    limit = max(backbone.count_tokens(a) for a in s.answers) + 8
+                    cut_scores.append(tasks.score(s, backbone.decode(
+                        backbone.encode(pred)[1:][:limit])))
+                    line += f" | cut at {limit} tokens {cut_scores[-1]:.2f}"
+                print(f"{line}\n  gold:{backbone.answer_text(s)}\n  pred:{pred}", flush=True)
+            mean = f"== {task}: mean score {sum(scores) / len(scores):.3f} over {len(scores)}"
+            if cut_scores:
+                mean += f" | cut at the longest answer + 8 tokens {sum(cut_scores) / len(cut_scores):.3f}"
+            print(mean, flush=True)
     return 0
 
 
