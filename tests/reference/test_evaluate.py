@@ -199,6 +199,16 @@ def test_plot_series_means_and_flags_partial_methods():
     assert series["lsa3 (1 of 2 tasks)"] == ([128], [50.0], [100.0])
 
 
+def test_plot_series_line_averages_one_task_set():
+    # b is measured at 128 only: full's line averages task a alone at both lengths,
+    # not a+b at 128 and a at 256
+    rows = [_row("a", 128, "full", 1.0), _row("b", 128, "full", 0.0),
+            _row("a", 256, "full", 0.5), _row("b", 256, "lsa", 1.0)]
+    series = {label: (lengths, ys) for label, lengths, _, ys in evaluate.plot_series(rows)}
+    assert series["full (1 of 2 tasks)"] == ([128, 256], [100.0, 50.0])
+    assert series["lsa (1 of 2 tasks)"] == ([256], [100.0])
+
+
 def test_tables_list_shares_in_budget_order():
     labels = ["lsa10", "oracle10", "lsa3", "full", "lsa", "oracle3", "recency"]
     assert sorted(labels, key=evaluate.method_sort_key) == [

@@ -819,9 +819,10 @@ def plot_series(
     rows: Sequence[dict[str, Any]],
 ) -> list[tuple[str, list[int], list[float], list[float]]]:
     """(label, context lengths, % KV on device, % accuracy) per method, each point
-    the mean over that length's tasks. A method with rows for fewer tasks than the
-    grid holds says so in its label ("lsa3 (10 of 12 tasks)"): its mean is not
-    comparable with the others'."""
+    the mean over the tasks that method has at every one of its lengths, so a line's
+    points average one task set. A method with fewer tasks than the grid holds says so
+    in its label ("lsa3 (10 of 12 tasks)"): its mean is not comparable with the
+    others'."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["context_tokens"]), []).append(r)
@@ -829,10 +830,13 @@ def plot_series(
     series = []
     for method in sorted({m for m, _ in groups}, key=method_sort_key):
         pts = sorted((ctx, g) for (m, ctx), g in groups.items() if m == method)
+        shared = set.intersection(*({r["task"] for r in g} for _, g in pts))
+        if not shared:
+            continue  # no task at every length: no line to draw
+        pts = [(ctx, [r for r in g if r["task"] in shared]) for ctx, g in pts]
         xs = [100 * sum(r["kv_bytes_gpu"] / r["kv_bytes_full"] for r in g) / len(g) for _, g in pts]
         ys = [100 * sum(r["accuracy"] for r in g) / len(g) for _, g in pts]
-        covered = min(len({r["task"] for r in g}) for _, g in pts)
-        label = method if covered == n_tasks else f"{method} ({covered} of {n_tasks} tasks)"
+        label = method if len(shared) == n_tasks else f"{method} ({len(shared)} of {n_tasks} tasks)"
         series.append((label, [ctx for ctx, _ in pts], xs, ys))
     return series
 
