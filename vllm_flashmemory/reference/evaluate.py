@@ -20,7 +20,10 @@ memory. The local window and the chunk scale with the context in the paper's pro
 atomically after every cell; a rerun with the same --json skips completed cells. Every
 row names the weights it measured (`model_sha256`; lsa and quest rows also
 `indexer_sha256`), and a rerun with another backbone or Memory Indexer is refused, so
-a resumed file never mixes two of them.
+a resumed file never mixes two of them. Each sample decodes with room for every
+answer, listed (answer_token_limit, capped by --max-new-tokens); rows say so
+(`answer_limit`), and multi-answer rows from before that rule, which had room for one
+answer, are refused on resume.
 
 `--workers N` runs the missing rows as jobs of N `flashmemory eval` subprocesses at a
 time (the tiny backbone's eval is bound by Python, not the GPU): one job per cell, or,
