@@ -101,7 +101,6 @@ NIAH: dict[str, NiahSpec] = {
 }
 
 
-
 def single_answer(task: str) -> bool:
     """Whether every sample of `task` has exactly one answer (the multi-answer tasks
     score the share of answers written, RULER's string_match_all)."""
