@@ -323,6 +323,26 @@ def test_plan_units_splits_cells_by_methods_to_fill_the_workers(tmp_path):
     assert _units(evaluate.plan_units(many, [])) == [("t", 1024, "full"), ("t", 1024, "lsa")]
 
 
+def test_plan_units_counts_the_samples_left_in_the_log(tmp_path):
+    """A 32K cell with 14 of 16 samples logged costs less than an untouched 16K cell,
+    so the 16K cell is the one that splits; the halves keep their methods' counts."""
+    cfg = evaluate.EvalConfig(tasks=("a", "b"), lengths=(16384, 32768),
+                              methods=parse_methods("full,random,recency"),
+                              json_path=str(tmp_path / "e.json"), n=16, workers=3)
+    rows = [_row("a", 16384, m) for m in ("full", "random", "recency")]
+    rows += [_row("b", 32768, m) for m in ("full", "random", "recency")]
+    records = [{"task": "a", "context_tokens": 32768, "method": m, "sample": i}
+               for m in ("full", "random", "recency") for i in range(14)]
+    plan = evaluate.plan_units(cfg, rows, records)
+    assert _units(plan) == [("b", 16384, "full,random"), ("b", 16384, "recency"),
+                            ("a", 32768, "full,random,recency")]
+    assert dict(plan[-1].left) == {"full": 2, "random": 2, "recency": 2}
+    assert plan[-1].cost == 32768 * (2 + 6)  # 2 prefills, 6 decodes
+    assert dict(plan[0].left) == {"full": 16, "random": 16}
+    # without the log the 32K cell is the costliest and splits first
+    assert _units(evaluate.plan_units(cfg, rows))[0][0:2] == ("a", 32768)
+
+
 def test_merge_rows_keeps_the_main_files_rows():
     main = [_row("t", 128, "full", acc=1.0)]
     shards = [[_row("t", 128, "full", acc=0.0), _row("t", 128, "lsa")],
@@ -358,6 +378,8 @@ def test_worker_command_keeps_the_settings(tmp_path):
         0.25, 4, 1, "m", None, "f.jsonl")
     assert (args.local_window_tokens, args.chunk_tokens) == (1024, 32)
     assert args.cuda_memory_fraction is None  # a CPU grid caps nothing
+    # every job appends its finished samples to the parent's log
+    assert args.samples_log == str(tmp_path / "eval.json.samples.jsonl")
 
 
 def test_cuda_workers_split_the_gpu_memory(tmp_path):
@@ -416,6 +438,117 @@ def test_workers_merge_shards_and_report_failures(tmp_path, stub_tasks, monkeypa
     assert cli.main(argv) == 0  # the rerun only runs the cell the dead worker missed
     assert launched == [[("niah_single_1", 256)]]
     assert len(evaluate.read_rows(out)) == 6
+
+
+def _killed_after(factory, prefills: int):
+    """factory's engines, but the prefill after `prefills` of them raises as a
+    scheduler's SIGTERM would (side_by_side turns it into KeyboardInterrupt)."""
+    seen = {"n": 0}
+
+    def make(lsa):
+        eng = factory(lsa)
+        real = eng.prefill
+
+        def prefill(ids):
+            seen["n"] += 1
+            if seen["n"] > prefills:
+                raise KeyboardInterrupt("signal 15")
+            return real(ids)
+
+        eng.prefill = prefill
+        return eng
+
+    make.indexer_layers = factory.indexer_layers
+    return make
+
+
+_SAMPLE_FIELDS = ("accuracy", "accuracy_stderr", "resident_chunk_ratio", "kv_bytes_gpu",
+                  "kv_bytes_full", "n")
+
+
+def test_a_killed_cell_resumes_at_its_next_sample(tmp_path, stub_tasks, factory):
+    """A cell killed after 2 of 3 samples keeps them in <json>.samples.jsonl; the
+    rerun prefills only the third, and its rows equal an uninterrupted run's."""
+    from vllm_flashmemory.reference import sample_log
+
+    tok = _ByteTokenizer()
+    methods = "full,recency,oracle10"
+    whole = dataclasses.replace(_cfg(tmp_path, methods=methods), lengths=(128,), n=3,
+                                json_path=str(tmp_path / "whole.json"))
+    ref = evaluate.run_eval(whole, engine_factory=factory, tokenizer=tok, print_fn=lambda s: None)
+
+    cfg = dataclasses.replace(whole, json_path=str(tmp_path / "eval.json"))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_eval(cfg, engine_factory=_killed_after(factory, 2), tokenizer=tok,
+                          print_fn=lambda s: None)
+    assert evaluate.read_rows(cfg.json_path) == []  # the cell never finished
+    log = tmp_path / "eval.json.samples.jsonl"
+    records = sample_log.read_records(log)
+    assert sorted((r["sample"], r["method"]) for r in records) == [
+        (i, m) for i in (0, 1) for m in ("full", "oracle10", "recency")]
+    with open(log, "a") as f:
+        f.write('{"task": "niah_single_1", "sample": 2, "sco')  # torn by the kill
+
+    before = factory.calls["prefill"]
+    printed: list[str] = []
+    rows = evaluate.run_eval(cfg, engine_factory=factory, tokenizer=tok, print_fn=printed.append)
+    assert factory.calls["prefill"] == before + 1  # only sample 3
+    assert sum("3 of 3 methods from eval.json.samples.jsonl" in p for p in printed) == 2
+    key = lambda r: r["method"]  # noqa: E731
+    for a, b in zip(sorted(rows, key=key), sorted(ref, key=key)):
+        assert a["method"] == b["method"]
+        for k in _SAMPLE_FIELDS:
+            assert a[k] == pytest.approx(b[k]), (a["method"], k)
+
+    assert sample_log.prune(log, rows) == 0 and not log.exists()  # the cell has rows
+
+
+def test_sample_records_of_other_settings_are_not_reused(tmp_path, stub_tasks, factory):
+    """Records made at another threshold are left alone (rows carry the threshold,
+    records too); a record whose prompt differs (another generator) is not taken."""
+    from vllm_flashmemory.reference import sample_log
+
+    tok = _ByteTokenizer()
+    cfg = dataclasses.replace(_cfg(tmp_path, methods="full,lsa"), lengths=(128,), n=2,
+                              threshold=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_eval(cfg, engine_factory=_killed_after(factory, 1), tokenizer=tok,
+                          print_fn=lambda s: None)
+    log = cfg.samples_log_path
+    assert len(sample_log.read_records(log)) == 2  # sample 0: full and lsa
+
+    other = dataclasses.replace(cfg, threshold=0.25)
+    printed: list[str] = []
+    before = factory.calls["prefill"]
+    evaluate.run_eval(other, engine_factory=factory, tokenizer=tok, print_fn=printed.append)
+    assert factory.calls["prefill"] == before + 2  # the threshold differs: both samples
+    assert not any("methods from" in p for p in printed)  # rows carry it, records too
+
+    records = sample_log.read_records(log)
+    for r in records:
+        r["prompt_sha256"] = "0" * 16
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = dataclasses.replace(cfg, json_path=str(tmp_path / "again.json"),
+                                samples_log=str(log))
+    before = factory.calls["prefill"]
+    evaluate.run_eval(again, engine_factory=factory, tokenizer=tok, print_fn=lambda s: None)
+    assert factory.calls["prefill"] == before + 2
+
+
+def test_sample_log_prune_keeps_cells_without_rows(tmp_path):
+    from vllm_flashmemory.reference import sample_log
+
+    log = tmp_path / "g.json.samples.jsonl"
+    vals = dict(score=1, resident_chunks=2, total_chunks=4, kv_bytes_gpu=1, kv_bytes_full=2,
+                seconds=0.1)
+    sample_log.append_records(log, [
+        sample_log.make_record("vt", 128, m, i, "ab", {"n": 2}, vals)
+        for m in ("full", "lsa") for i in (0, 1)])
+    assert sample_log.prune(log, [_row("vt", 128, "full")]) == 2
+    assert {r["method"] for r in sample_log.read_records(log)} == {"lsa"}
+    with pytest.raises(ValueError, match="needs seconds"):
+        sample_log.make_record("vt", 128, "full", 0, "ab", {},
+                               {k: v for k, v in vals.items() if k != "seconds"})
 
 
 def test_worker_slots_spread_over_the_gpus(tmp_path, stub_tasks, monkeypatch):
@@ -555,13 +688,12 @@ def test_every_answer_fits_the_decode_limit(tmp_path, task):
     engine = _ListingEngine(listed)
     cfg = _cfg(tmp_path, methods="full,recency")
     cfg = dataclasses.replace(cfg, max_new_tokens=evaluate.EvalConfig.max_new_tokens)
-    stats = {label: evaluate._CellStats() for label in ("full", "recency")}
-    evaluate._run_sample(engine, _ByteTokenizer(), tasks, sample, cfg.methods, stats, cfg)
+    values = evaluate._run_sample(engine, _ByteTokenizer(), tasks, sample, cfg.methods, cfg)
     assert len(sample.answers) > 1
     assert set(engine.limits) == {min(cfg.max_new_tokens, evaluate.answer_token_limit(
         [len(a.encode()) + 1 for a in sample.answers]))}
     assert engine.limits[0] >= len(engine.ids)  # nothing of the listed answer is cut
-    assert stats["full"].scores == [1.0] and stats["recency"].scores == [1.0]
+    assert values["full"]["score"] == 1.0 and values["recency"]["score"] == 1.0
 
 
 def test_answer_token_limit_keeps_the_single_answer_rule():

@@ -32,6 +32,11 @@ CUDA the worker slots spread round-robin over every visible GPU, so one command 
 a multi-GPU host. Each job writes its own shard `<json>.worker<i>.json`; the shards
 merge into --json when they finish, or at the start of the next run if this one was
 killed.
+
+Every finished sample is kept too: each (sample, method) appends a line to
+`<json>.samples.jsonl` (sample_log), and a rerun with the same settings takes those
+samples back, so a cell killed at sample 11 of 16 resumes at sample 12. The lines of
+cells that have rows are dropped when a run ends.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from vllm_flashmemory.core.side_by_side import (
     visible_gpus,
     workers_per_gpu,
 )
+from vllm_flashmemory.reference import sample_log
 from vllm_flashmemory.reference.methods import (
     Method,
     MethodSpec,
@@ -118,6 +124,13 @@ class EvalConfig:
     # Share of the GPU's memory this process may hold (None: no cap); workers get
     # dsv4.checkpoint.worker_memory_fraction (why: see there).
     cuda_memory_fraction: float | None = None
+    # Per-sample records (sample_log); None = `<json_path>.samples.jsonl`. Workers get
+    # the parent's, so every job's finished samples survive a kill.
+    samples_log: str | None = None
+
+    @property
+    def samples_log_path(self) -> Path:
+        return Path(self.samples_log) if self.samples_log else sample_log.log_path(self.json_path)
 
     def __post_init__(self) -> None:
         from vllm_flashmemory.dsv4.checkpoint import check_device, check_memory_fraction
@@ -263,14 +276,26 @@ class _CellStats:
     kv_bytes_full: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
-    def add(self, score: float, result: Any, prefill_seconds: float) -> None:
-        self.scores.append(float(score))
-        self.resident_chunks.append(result.resident_chunks)
-        self.total_chunks.append(result.total_chunks)
-        self.kv_bytes_gpu.append(result.kv_bytes_gpu)
-        self.kv_bytes_full.append(result.kv_bytes_full)
-        # Wall time of this method for one sample: the shared prefill + its decode.
-        self.seconds.append(prefill_seconds + result.seconds)
+    def add_values(self, v: dict[str, float]) -> None:
+        """One sample from its sample_log record (values()'s keys)."""
+        self.scores.append(float(v["score"]))
+        self.resident_chunks.append(v["resident_chunks"])
+        self.total_chunks.append(v["total_chunks"])
+        self.kv_bytes_gpu.append(v["kv_bytes_gpu"])
+        self.kv_bytes_full.append(v["kv_bytes_full"])
+        self.seconds.append(v["seconds"])
+
+    @staticmethod
+    def values(score: float, result: Any, prefill_seconds: float) -> dict[str, float]:
+        return {
+            "score": float(score),
+            "resident_chunks": float(result.resident_chunks),
+            "total_chunks": float(result.total_chunks),
+            "kv_bytes_gpu": float(result.kv_bytes_gpu),
+            "kv_bytes_full": float(result.kv_bytes_full),
+            # Wall time of this method for one sample: the shared prefill + its decode.
+            "seconds": float(prefill_seconds + result.seconds),
+        }
 
     def row(self, task: str, length: int, label: str, extra: dict[str, Any]) -> dict[str, Any]:
         n = len(self.scores)
@@ -362,10 +387,6 @@ def run_eval(
         if not samples:
             print_fn(f"[{task} @ {length}] no samples; skipped.")
             continue
-        stats = {s.label: _CellStats() for s in specs}
-        bar = tqdm(samples, desc=f"{task}@{length}", leave=False, disable=not cfg.progress)
-        for sample in bar:
-            _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg)
         extra = {
             "chunk_tokens": window.chunk_tokens,
             "local_window_tokens": window.local_window_tokens,
@@ -374,6 +395,31 @@ def run_eval(
             "answer_limit": ANSWER_LIMIT_RULE,
             "max_new_tokens": cfg.max_new_tokens,
         }
+        settings_of = {s.label: sample_settings(cfg, extra, _row_identity(s, identity))
+                       for s in specs}
+        done_samples = sample_log.cell_records(
+            sample_log.read_records(cfg.samples_log_path), task, length, settings_of)
+        stats = {s.label: _CellStats() for s in specs}
+        bar = tqdm(samples, desc=f"{task}@{length}", leave=False, disable=not cfg.progress)
+        kept = 0
+        for i, sample in enumerate(bar):
+            digest = sample_log.prompt_digest(build_prompt(sample))
+            have = {s.label: done_samples.get((i, s.label)) for s in specs}
+            have = {k: r for k, r in have.items()
+                    if r is not None and r.get("prompt_sha256") == digest}
+            todo_specs = [s for s in specs if s.label not in have]
+            new = (_run_sample(engine, tokenizer, task_lib, sample, todo_specs, cfg)
+                   if todo_specs else {})
+            sample_log.append_records(cfg.samples_log_path, (
+                sample_log.make_record(task, length, label, i, digest, settings_of[label], v)
+                for label, v in new.items()))
+            kept += bool(have)
+            for spec in specs:
+                stats[spec.label].add_values(have.get(spec.label) or new[spec.label])
+            if not cfg.progress or have:  # a worker's log shows how far its job got
+                print_fn(f"[{task} @ {length}] sample {i + 1}/{len(samples)}" + (
+                    f" ({len(have)} of {len(specs)} methods from {cfg.samples_log_path.name})"
+                    if have else ""))
         for spec in specs:
             rows.append(stats[spec.label].row(
                 task, length, spec.label, {**extra, **_row_identity(spec, identity)}))
@@ -527,6 +573,9 @@ class WorkUnit:
     task: str
     length: int
     methods: tuple[MethodSpec, ...]
+    # (label, samples still to decode) per method, from the sample log; None = every
+    # method has all its samples left (costs then count one sample).
+    left: tuple[tuple[str, int], ...] | None = None
 
     @property
     def passes(self) -> int:
@@ -538,30 +587,53 @@ class WorkUnit:
 
     @property
     def cost(self) -> int:
-        return self.length * self.passes
+        """Tokens times passes still to run: a sample costs its prefill and the base
+        decodes while any method lacks it, and one pass per method that lacks it."""
+        if self.left is None:
+            return self.length * self.passes
+        left = dict(self.left)
+        need_full, need_lsa = _base_decodes(self.methods)
+        named = {s.label for s in self.methods}
+        extra_base = (need_full and "full" not in named) + (need_lsa and "lsa" not in named)
+        return self.length * (max(left.values()) * (1 + extra_base) + sum(left.values()))
+
+    def _part(self, methods: Sequence[MethodSpec]) -> WorkUnit:
+        labels = {s.label for s in methods}
+        left = None if self.left is None else tuple(
+            (k, v) for k, v in self.left if k in labels)
+        return WorkUnit(self.task, self.length, tuple(methods), left)
 
     def halves(self) -> tuple[WorkUnit, WorkUnit]:
-        """The split (in method order) whose larger half has the fewest passes."""
+        """The split (in method order) whose larger half costs least."""
         ordered = _method_order(self.methods)
-        parts = [
-            (WorkUnit(self.task, self.length, tuple(ordered[:k])),
-             WorkUnit(self.task, self.length, tuple(ordered[k:])))
-            for k in range(1, len(ordered))
-        ]
-        return min(parts, key=lambda ab: (max(ab[0].passes, ab[1].passes), -len(ab[0].methods)))
+        parts = [(self._part(ordered[:k]), self._part(ordered[k:]))
+                 for k in range(1, len(ordered))]
+        return min(parts, key=lambda ab: (max(ab[0].cost, ab[1].cost), -len(ab[0].methods)))
 
 
-def plan_units(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> list[WorkUnit]:
+def plan_units(
+    cfg: EvalConfig, rows: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]] = (),
+) -> list[WorkUnit]:
     """The missing rows as worker jobs, costliest first: one per cell (its samples are
     prefilled once for all its methods), and while there are fewer jobs than
     cfg.workers the costliest job splits in two by methods, so a grid with few cells
-    and many methods still fills every worker (a split re-runs the prefill)."""
+    and many methods still fills every worker (a split re-runs the prefill). Costs
+    count the samples each method still lacks in `records` (the sample log), so a
+    half-finished cell is not split before an untouched one."""
     done = {cell_key(r) for r in rows}
-    units = [
-        WorkUnit(task, length, tuple(_method_order(
-            [s for s in cfg.methods if (task, length, s.label) not in done])))
-        for task, length in _missing_cells(cfg, rows)
-    ]
+    logged: dict[tuple[str, int, str], set[int]] = {}
+    for r in records:
+        logged.setdefault(cell_key(r), set()).add(int(r["sample"]))
+
+    def unit(task: str, length: int) -> WorkUnit:
+        methods = tuple(_method_order(
+            [s for s in cfg.methods if (task, length, s.label) not in done]))
+        left = tuple((s.label, max(cfg.n - len(logged.get((task, length, s.label), ())), 0))
+                     for s in methods)
+        return WorkUnit(task, length, methods, left)
+
+    units = [unit(task, length) for task, length in _missing_cells(cfg, rows)]
     while len(units) < cfg.workers:
         splittable = [u for u in units if len(u.methods) > 1]
         if not splittable:
@@ -621,6 +693,7 @@ def worker_command(
         "--threshold", repr(cfg.threshold), "--max-new-tokens", str(cfg.max_new_tokens),
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
         "--device", cfg.device, "--no-progress",
+        "--samples-log", str(cfg.samples_log_path),
     ]
     for flag, number in (("--local-window-tokens", cfg.local_window_tokens),
                          ("--chunk-tokens", cfg.chunk_tokens)):
@@ -649,7 +722,7 @@ def run_workers(
     check_window_rows(cfg, rows)
     check_answer_limit_rows(cfg, rows)
     check_identity_rows(cfg, rows, run_identity(cfg, _needs_indexer(cfg)))
-    units = plan_units(cfg, rows)
+    units = plan_units(cfg, rows, sample_log.read_records(cfg.samples_log_path))
     if not units:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
         return rows, []
@@ -669,10 +742,18 @@ def run_workers(
         commands, logs, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
         parallel=slots,
         slot_env=gpu_slot_env(gpus),
-        # every finished job is kept; a rerun runs the rest
-        on_stop=lambda: merge_shards(cfg.json_path),
+        # every finished job is kept, and every finished sample; a rerun runs the rest
+        on_stop=lambda: finish_rows(cfg),
     )
-    return merge_shards(cfg.json_path), failures
+    return finish_rows(cfg), failures
+
+
+def finish_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Merge the worker shards into --json and drop the sample records of cells that
+    now have rows (no worker may be running)."""
+    rows = merge_shards(cfg.json_path)
+    sample_log.prune(cfg.samples_log_path, rows)
+    return rows
 
 
 def _base_decodes(specs: Sequence[MethodSpec]) -> tuple[bool, bool]:
@@ -684,13 +765,26 @@ def _base_decodes(specs: Sequence[MethodSpec]) -> tuple[bool, bool]:
     return need_full, need_lsa
 
 
-def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConfig) -> None:
+def sample_settings(
+    cfg: EvalConfig, extra: dict[str, Any], identity: dict[str, str]
+) -> dict[str, Any]:
+    """What a sample's record must match to be reused: the row's settings (window,
+    chunk, tau, threshold, answer limit, weights) and what picks and prefills the
+    samples."""
+    return {**extra, **identity, "n": cfg.n, "seed": cfg.seed,
+            "prefill_chunk_tokens": cfg.prefill_chunk_tokens,
+            "samples": cfg.task_file or "generated"}
+
+
+def _run_sample(engine, tokenizer, task_lib, sample, specs, cfg: EvalConfig) -> dict[str, dict]:
+    """Decode one sample with every spec after one prefill; label -> its values."""
     prompt = tokenizer(build_prompt(sample)).input_ids
     limit = min(cfg.max_new_tokens,
                 answer_token_limit([len(tokenizer(a).input_ids) for a in sample.answers]))
     prefill = engine.prefill(prompt)
     need_full, need_lsa = _base_decodes(specs)
     full = lsa = None
+    out: dict[str, dict] = {}
     if need_full:
         full = engine.generate(prefill, MethodSpec(Method.FULL), max_new_tokens=limit,
                                record_attention=True)
@@ -713,7 +807,8 @@ def _run_sample(engine, tokenizer, task_lib, sample, specs, stats, cfg: EvalConf
         else:
             result = engine.generate(prefill, spec, max_new_tokens=limit)
         text = tokenizer.decode(list(result.tokens), skip_special_tokens=True)
-        stats[spec.label].add(task_lib.score(sample, text), result, prefill.seconds)
+        out[spec.label] = _CellStats.values(task_lib.score(sample, text), result, prefill.seconds)
+    return out
 
 
 # Tokens per answer beyond its own, for what lists it: ", " or cwe's " 10. ".
@@ -930,6 +1025,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "spread over every visible GPU; rows merge into --json "
                         "(default: %(default)s)")
     parser.add_argument("--cells", help=argparse.SUPPRESS)  # a worker's task@length list
+    parser.add_argument("--samples-log", help=argparse.SUPPRESS)  # the parent's sample log
     parser.add_argument("--cuda-memory-fraction", type=float, help=argparse.SUPPRESS)
 
 
@@ -984,12 +1080,15 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         cells=parse_cells(args.cells) if args.cells is not None else None,
         cuda_memory_fraction=args.cuda_memory_fraction,
+        samples_log=args.samples_log,
     )
     t0 = time.perf_counter()
     if cfg.workers > 1:
         rows, failures = run_workers(cfg)
     else:
         rows, failures = run_eval(cfg), []
+        if cfg.cells is None:  # a worker leaves pruning to its parent
+            sample_log.prune(cfg.samples_log_path, rows)
     print(format_table(rows))
     if cfg.plot_path and rows:
         print(f"plot {plot_rows(rows, cfg.plot_path)}")
