@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("model", help="model folder (config.json, tokenizer)")
     parser.add_argument("--load-format", default="dummy", help="dummy or auto")
     parser.add_argument("--prompt-lens", default="700", help="comma-separated")
+    parser.add_argument("--prompt-ids", help="JSON file: a list of prompts' token ids "
+                        "(instead of --prompt-lens' synthetic ones)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=2048)
     args = parser.parse_args()
@@ -67,11 +69,15 @@ def main() -> None:
     )
     engine_seconds = time.perf_counter() - start
 
-    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
-    prompts = [
-        {"prompt_token_ids": [3 + (7 * i + 11 * j) % 250 for i in range(n)]}
-        for j, n in enumerate(prompt_lens)
-    ]
+    if args.prompt_ids:
+        with open(args.prompt_ids) as f:
+            prompts = [{"prompt_token_ids": list(ids)} for ids in json.load(f)]
+    else:
+        prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+        prompts = [
+            {"prompt_token_ids": [3 + (7 * i + 11 * j) % 250 for i in range(n)]}
+            for j, n in enumerate(prompt_lens)
+        ]
     params = SamplingParams(
         temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True
     )
