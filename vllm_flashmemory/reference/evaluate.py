@@ -401,7 +401,6 @@ def run_eval(
             sample_log.read_records(cfg.samples_log_path), task, length, settings_of)
         stats = {s.label: _CellStats() for s in specs}
         bar = tqdm(samples, desc=f"{task}@{length}", leave=False, disable=not cfg.progress)
-        kept = 0
         for i, sample in enumerate(bar):
             digest = sample_log.prompt_digest(build_prompt(sample))
             have = {s.label: done_samples.get((i, s.label)) for s in specs}
@@ -413,7 +412,6 @@ def run_eval(
             sample_log.append_records(cfg.samples_log_path, (
                 sample_log.make_record(task, length, label, i, digest, settings_of[label], v)
                 for label, v in new.items()))
-            kept += bool(have)
             for spec in specs:
                 stats[spec.label].add_values(have.get(spec.label) or new[spec.label])
             if not cfg.progress or have:  # a worker's log shows how far its job got
