@@ -343,6 +343,25 @@ def test_plan_units_counts_the_samples_left_in_the_log(tmp_path):
     assert _units(evaluate.plan_units(cfg, rows))[0][0:2] == ("a", 32768)
 
 
+def test_plan_units_weighs_cells_by_their_logged_seconds(tmp_path):
+    """Two cells of one length, one sample logged each: the one whose (sample, method)
+    took 5x longer (cwe's long answers) is the costlier and the one that splits."""
+    cfg = evaluate.EvalConfig(tasks=("cwe", "vt"), lengths=(16384,),
+                              methods=parse_methods("random,recency"),
+                              json_path=str(tmp_path / "e.json"), n=16, workers=3)
+    records = [{"task": t, "context_tokens": 16384, "method": m, "sample": 0, "seconds": sec}
+               for t, sec in (("cwe", 50.0), ("vt", 10.0)) for m in ("random", "recency")]
+    weights = evaluate.cell_weights(records)
+    assert weights[("cwe", 16384)] == pytest.approx(5 / 3)
+    assert weights[("vt", 16384)] == pytest.approx(1 / 3)
+    plan = evaluate.plan_units(cfg, [], records)
+    assert _units(plan) == [("cwe", 16384, "random"), ("cwe", 16384, "recency"),
+                            ("vt", 16384, "random,recency")]
+    assert plan[0].weight == plan[1].weight == weights[("cwe", 16384)]
+    # records without seconds weigh nothing: every cell keeps weight 1
+    assert evaluate.cell_weights([{**r, "seconds": None} for r in records]) == {}
+
+
 def test_merge_rows_keeps_the_main_files_rows():
     main = [_row("t", 128, "full", acc=1.0)]
     shards = [[_row("t", 128, "full", acc=0.0), _row("t", 128, "lsa")],

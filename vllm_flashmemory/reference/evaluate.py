@@ -574,6 +574,9 @@ class WorkUnit:
     # (label, samples still to decode) per method, from the sample log; None = every
     # method has all its samples left (costs then count one sample).
     left: tuple[tuple[str, int], ...] | None = None
+    # Seconds per token of this cell's passes against the grid's mean (cell_weights):
+    # cwe's 150-token answers cost more per pass than a needle's 10.
+    weight: float = 1.0
 
     @property
     def passes(self) -> int:
@@ -584,22 +587,24 @@ class WorkUnit:
         return 1 + need_full + need_lsa + len(others)
 
     @property
-    def cost(self) -> int:
-        """Tokens times passes still to run: a sample costs its prefill and the base
-        decodes while any method lacks it, and one pass per method that lacks it."""
+    def cost(self) -> float:
+        """Tokens times passes still to run, times the cell's weight: a sample costs its
+        prefill and the base decodes while any method lacks it, and one pass per method
+        that lacks it."""
         if self.left is None:
-            return self.length * self.passes
+            return self.length * self.passes * self.weight
         left = dict(self.left)
         need_full, need_lsa = _base_decodes(self.methods)
         named = {s.label for s in self.methods}
         extra_base = (need_full and "full" not in named) + (need_lsa and "lsa" not in named)
-        return self.length * (max(left.values()) * (1 + extra_base) + sum(left.values()))
+        passes = max(left.values()) * (1 + extra_base) + sum(left.values())
+        return self.length * passes * self.weight
 
     def _part(self, methods: Sequence[MethodSpec]) -> WorkUnit:
         labels = {s.label for s in methods}
         left = None if self.left is None else tuple(
             (k, v) for k, v in self.left if k in labels)
-        return WorkUnit(self.task, self.length, tuple(methods), left)
+        return WorkUnit(self.task, self.length, tuple(methods), left, self.weight)
 
     def halves(self) -> tuple[WorkUnit, WorkUnit]:
         """The split (in method order) whose larger half costs least."""
@@ -629,7 +634,9 @@ def plan_units(
             [s for s in cfg.methods if (task, length, s.label) not in done]))
         left = tuple((s.label, max(cfg.n - len(logged.get((task, length, s.label), ())), 0))
                      for s in methods)
-        return WorkUnit(task, length, methods, left)
+        return WorkUnit(task, length, methods, left, weights.get((task, length), 1.0))
+
+    weights = cell_weights(records)
 
     units = [unit(task, length) for task, length in _missing_cells(cfg, rows)]
     while len(units) < cfg.workers:
@@ -640,6 +647,22 @@ def plan_units(
         i = units.index(big)
         units[i : i + 1] = big.halves()
     return sorted(units, key=lambda u: -u.cost)  # stable: ties keep task order
+
+
+def cell_weights(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """(task, length) -> its logged seconds per (sample, method) per token, over the
+    mean of that across the logged cells; cells without logged seconds are left out
+    (weight 1). A cell whose answers are long (cwe) weighs more than its length says."""
+    seconds: dict[tuple[str, int], list[float]] = {}
+    for r in records:
+        if isinstance(r.get("seconds"), (int, float)) and r["seconds"] > 0:
+            cell = (str(r["task"]), int(r["context_tokens"]))
+            seconds.setdefault(cell, []).append(float(r["seconds"]))
+    rate = {cell: sum(v) / len(v) / cell[1] for cell, v in seconds.items()}
+    if not rate:
+        return {}
+    mean = sum(rate.values()) / len(rate)
+    return {cell: r / mean for cell, r in rate.items()}
 
 
 def merge_rows(
