@@ -571,8 +571,8 @@ class WorkUnit:
     task: str
     length: int
     methods: tuple[MethodSpec, ...]
-    # (label, samples still to decode) per method, from the sample log; None = every
-    # method has all its samples left (costs then count one sample).
+    # (label, samples still to decode) per method, from the sample log; None = one
+    # sample each (cost then counts the passes of one sample).
     left: tuple[tuple[str, int], ...] | None = None
     # Seconds per token of this cell's passes against the grid's mean (cell_weights):
     # cwe's 150-token answers cost more per pass than a needle's 10.
@@ -591,9 +591,7 @@ class WorkUnit:
         """Tokens times passes still to run, times the cell's weight: a sample costs its
         prefill and the base decodes while any method lacks it, and one pass per method
         that lacks it."""
-        if self.left is None:
-            return self.length * self.passes * self.weight
-        left = dict(self.left)
+        left = dict(self.left) if self.left is not None else {s.label: 1 for s in self.methods}
         need_full, need_lsa = _base_decodes(self.methods)
         named = {s.label for s in self.methods}
         extra_base = (need_full and "full" not in named) + (need_lsa and "lsa" not in named)
@@ -628,6 +626,7 @@ def plan_units(
     logged: dict[tuple[str, int, str], set[int]] = {}
     for r in records:
         logged.setdefault(cell_key(r), set()).add(int(r["sample"]))
+    weights = cell_weights(records)
 
     def unit(task: str, length: int) -> WorkUnit:
         methods = tuple(_method_order(
@@ -635,8 +634,6 @@ def plan_units(
         left = tuple((s.label, max(cfg.n - len(logged.get((task, length, s.label), ())), 0))
                      for s in methods)
         return WorkUnit(task, length, methods, left, weights.get((task, length), 1.0))
-
-    weights = cell_weights(records)
 
     units = [unit(task, length) for task, length in _missing_cells(cfg, rows)]
     while len(units) < cfg.workers:

@@ -82,9 +82,17 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _lines(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def _cell_method(r: dict[str, Any]) -> tuple[str, int, str]:
+    return (str(r["task"]), int(r["context_tokens"]), str(r["method"]))
+
+
 def append_records(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
     """Append the records as one write (whole lines, shared safely between processes)."""
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    data = _lines(records).encode()
     if not data:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -115,14 +123,13 @@ def prune(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> int:
     rewrite; the file goes when empty); returns how many lines remain. Only a process
     with no workers running may call it."""
     p = Path(path)
-    records = read_records(p)
     if not p.is_file():
         return 0
-    have = {(str(r["task"]), int(r["context_tokens"]), str(r["method"])) for r in rows}
-    keep = [r for r in records
-            if (r["task"], int(r["context_tokens"]), r["method"]) not in have]
+    records = read_records(p)
+    have = {_cell_method(r) for r in rows}
+    keep = [r for r in records if _cell_method(r) not in have]
     if not keep:
         p.unlink()
     elif len(keep) != len(records):
-        atomic_write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        atomic_write_text(p, _lines(keep))
     return len(keep)
