@@ -488,7 +488,7 @@ _SAMPLE_FIELDS = ("accuracy", "accuracy_stderr", "resident_chunk_ratio", "kv_byt
 def test_a_killed_cell_resumes_at_its_next_sample(tmp_path, stub_tasks, factory):
     """A cell killed after 2 of 3 samples keeps them in <json>.samples.jsonl; the
     rerun prefills only the third, and its rows equal an uninterrupted run's."""
-    from vllm_flashmemory.reference import sample_log
+    from vllm_flashmemory.reference import samples_log
 
     tok = _ByteTokenizer()
     methods = "full,recency,oracle10"
@@ -502,7 +502,7 @@ def test_a_killed_cell_resumes_at_its_next_sample(tmp_path, stub_tasks, factory)
                           print_fn=lambda s: None)
     assert evaluate.read_rows(cfg.json_path) == []  # the cell never finished
     log = tmp_path / "eval.json.samples.jsonl"
-    records = sample_log.read_records(log)
+    records = samples_log.read_records(log)
     assert sorted((r["sample"], r["method"]) for r in records) == [
         (i, m) for i in (0, 1) for m in ("full", "oracle10", "recency")]
     with open(log, "a") as f:
@@ -519,13 +519,13 @@ def test_a_killed_cell_resumes_at_its_next_sample(tmp_path, stub_tasks, factory)
         for k in _SAMPLE_FIELDS:
             assert a[k] == pytest.approx(b[k]), (a["method"], k)
 
-    assert sample_log.prune(log, rows) == 0 and not log.exists()  # the cell has rows
+    assert samples_log.prune(log, rows) == 0 and not log.exists()  # the cell has rows
 
 
 def test_sample_records_of_other_settings_are_not_reused(tmp_path, stub_tasks, factory):
     """Records made at another threshold are left alone (rows carry the threshold,
     records too); a record whose prompt differs (another generator) is not taken."""
-    from vllm_flashmemory.reference import sample_log
+    from vllm_flashmemory.reference import samples_log
 
     tok = _ByteTokenizer()
     cfg = dataclasses.replace(_cfg(tmp_path, methods="full,lsa"), lengths=(128,), n=2,
@@ -534,7 +534,7 @@ def test_sample_records_of_other_settings_are_not_reused(tmp_path, stub_tasks, f
         evaluate.run_eval(cfg, engine_factory=_killed_after(factory, 1), tokenizer=tok,
                           print_fn=lambda s: None)
     log = cfg.samples_log_path
-    assert len(sample_log.read_records(log)) == 2  # sample 0: full and lsa
+    assert len(samples_log.read_records(log)) == 2  # sample 0: full and lsa
 
     other = dataclasses.replace(cfg, threshold=0.25)
     printed: list[str] = []
@@ -543,7 +543,7 @@ def test_sample_records_of_other_settings_are_not_reused(tmp_path, stub_tasks, f
     assert factory.calls["prefill"] == before + 2  # the threshold differs: both samples
     assert not any("methods from" in p for p in printed)  # rows carry it, records too
 
-    records = sample_log.read_records(log)
+    records = samples_log.read_records(log)
     for r in records:
         r["prompt_sha256"] = "0" * 16
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -555,18 +555,18 @@ def test_sample_records_of_other_settings_are_not_reused(tmp_path, stub_tasks, f
 
 
 def test_sample_log_prune_keeps_cells_without_rows(tmp_path):
-    from vllm_flashmemory.reference import sample_log
+    from vllm_flashmemory.reference import samples_log
 
     log = tmp_path / "g.json.samples.jsonl"
     vals = dict(score=1, resident_chunks=2, total_chunks=4, kv_bytes_gpu=1, kv_bytes_full=2,
                 seconds=0.1)
-    sample_log.append_records(log, [
-        sample_log.make_record("vt", 128, m, i, "ab", {"n": 2}, vals)
+    samples_log.append_records(log, [
+        samples_log.make_record("vt", 128, m, i, "ab", {"n": 2}, vals)
         for m in ("full", "lsa") for i in (0, 1)])
-    assert sample_log.prune(log, [_row("vt", 128, "full")]) == 2
-    assert {r["method"] for r in sample_log.read_records(log)} == {"lsa"}
+    assert samples_log.prune(log, [_row("vt", 128, "full")]) == 2
+    assert {r["method"] for r in samples_log.read_records(log)} == {"lsa"}
     with pytest.raises(ValueError, match="needs seconds"):
-        sample_log.make_record("vt", 128, "full", 0, "ab", {},
+        samples_log.make_record("vt", 128, "full", 0, "ab", {},
                                {k: v for k, v in vals.items() if k != "seconds"})
 
 

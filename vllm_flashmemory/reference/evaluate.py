@@ -34,7 +34,7 @@ merge into --json when they finish, or at the start of the next run if this one 
 killed.
 
 Every finished sample is kept too: each (sample, method) appends a line to
-`<json>.samples.jsonl` (sample_log), and a rerun with the same settings takes those
+`<json>.samples.jsonl` (samples_log), and a rerun with the same settings takes those
 samples back, so a cell killed at sample 11 of 16 resumes at sample 12. The lines of
 cells that have rows are dropped when a run ends.
 """
@@ -64,7 +64,7 @@ from vllm_flashmemory.core.side_by_side import (
     visible_gpus,
     workers_per_gpu,
 )
-from vllm_flashmemory.reference import sample_log
+from vllm_flashmemory.reference import samples_log
 from vllm_flashmemory.reference.methods import (
     Method,
     MethodSpec,
@@ -124,13 +124,13 @@ class EvalConfig:
     # Share of the GPU's memory this process may hold (None: no cap); workers get
     # dsv4.checkpoint.worker_memory_fraction (why: see there).
     cuda_memory_fraction: float | None = None
-    # Per-sample records (sample_log); None = `<json_path>.samples.jsonl`. Workers get
+    # Per-sample records (samples_log); None = `<json_path>.samples.jsonl`. Workers get
     # the parent's, so every job's finished samples survive a kill.
     samples_log: str | None = None
 
     @property
     def samples_log_path(self) -> Path:
-        return Path(self.samples_log) if self.samples_log else sample_log.log_path(self.json_path)
+        return Path(self.samples_log) if self.samples_log else samples_log.log_path(self.json_path)
 
     def __post_init__(self) -> None:
         from vllm_flashmemory.dsv4.checkpoint import check_device, check_memory_fraction
@@ -277,7 +277,7 @@ class _CellStats:
     seconds: list[float] = field(default_factory=list)
 
     def add_values(self, v: dict[str, float]) -> None:
-        """One sample from its sample_log record (values()'s keys)."""
+        """One sample from its samples_log record (values()'s keys)."""
         self.scores.append(float(v["score"]))
         self.resident_chunks.append(v["resident_chunks"])
         self.total_chunks.append(v["total_chunks"])
@@ -397,20 +397,20 @@ def run_eval(
         }
         settings_of = {s.label: sample_settings(cfg, extra, _row_identity(s, identity))
                        for s in specs}
-        done_samples = sample_log.cell_records(
-            sample_log.read_records(cfg.samples_log_path), task, length, settings_of)
+        done_samples = samples_log.cell_records(
+            samples_log.read_records(cfg.samples_log_path), task, length, settings_of)
         stats = {s.label: _CellStats() for s in specs}
         bar = tqdm(samples, desc=f"{task}@{length}", leave=False, disable=not cfg.progress)
         for i, sample in enumerate(bar):
-            digest = sample_log.prompt_digest(build_prompt(sample))
+            digest = samples_log.prompt_digest(build_prompt(sample))
             have = {s.label: done_samples.get((i, s.label)) for s in specs}
             have = {k: r for k, r in have.items()
                     if r is not None and r.get("prompt_sha256") == digest}
             todo_specs = [s for s in specs if s.label not in have]
             new = (_run_sample(engine, tokenizer, task_lib, sample, todo_specs, cfg)
                    if todo_specs else {})
-            sample_log.append_records(cfg.samples_log_path, (
-                sample_log.make_record(task, length, label, i, digest, settings_of[label], v)
+            samples_log.append_records(cfg.samples_log_path, (
+                samples_log.make_record(task, length, label, i, digest, settings_of[label], v)
                 for label, v in new.items()))
             for spec in specs:
                 stats[spec.label].add_values(have.get(spec.label) or new[spec.label])
@@ -740,7 +740,7 @@ def run_workers(
     check_window_rows(cfg, rows)
     check_answer_limit_rows(cfg, rows)
     check_identity_rows(cfg, rows, run_identity(cfg, _needs_indexer(cfg)))
-    units = plan_units(cfg, rows, sample_log.read_records(cfg.samples_log_path))
+    units = plan_units(cfg, rows, samples_log.read_records(cfg.samples_log_path))
     if not units:
         print_fn(f"every cell is already in {cfg.json_path}; nothing to run.")
         return rows, []
@@ -770,7 +770,7 @@ def finish_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Merge the worker shards into --json and drop the sample records of cells that
     now have rows (no worker may be running)."""
     rows = merge_shards(cfg.json_path)
-    sample_log.prune(cfg.samples_log_path, rows)
+    samples_log.prune(cfg.samples_log_path, rows)
     return rows
 
 
@@ -1106,7 +1106,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows, failures = run_eval(cfg), []
         if cfg.cells is None:  # a worker leaves pruning to its parent
-            sample_log.prune(cfg.samples_log_path, rows)
+            samples_log.prune(cfg.samples_log_path, rows)
     print(format_table(rows))
     if cfg.plot_path and rows:
         print(f"plot {plot_rows(rows, cfg.plot_path)}")
