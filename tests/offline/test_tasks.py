@@ -9,6 +9,7 @@ Scenarios:
   common words (most frequent), the 3 most frequent coded words, the no_context code
   in the question only;
 - single_answer() says which tasks always have one answer, as generate writes them;
+- question_keys() gives a NIAH question's keys in its order, each with its values;
 - score() is RULER's string_match_all (fraction found, case-insensitive);
 - read_task_file() reads str or list answers and names the line of a bad row;
 - bad arguments name the value and the fix.
@@ -102,6 +103,23 @@ def test_niah_needles_hold_the_answers(task, n_answers):
         )
     else:
         assert re.fullmatch(r"\d{7}", s.answers[0])
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t.startswith("niah")])
+def test_question_keys_are_the_asked_keys_in_question_order(task):
+    for sample in tasks.generate(task, 2048, 3, 1, len):
+        keys = tasks.question_keys(sample)
+        spec = tasks.NIAH[task]
+        assert len(keys) == spec.n_queries
+        # The i-th key's values are the i-th block of answers, each in its own needle.
+        per_key = spec.n_values
+        for i, key in enumerate(keys):
+            for value in sample.answers[i * per_key : (i + 1) * per_key]:
+                assert f"for {key} is: {value}." in sample.context
+        assert sample.question.index(keys[0]) < sample.question.index(keys[-1]) or len(keys) == 1
+    odd = tasks.TaskSample("u", "niah_multiquery", "c", "Name them all.", ("a", "b"))
+    assert tasks.question_keys(odd) == ()  # a task-file question of another form
+    assert tasks.question_keys(tasks.generate("vt", 2048, 1, 0, len)[0]) == ()
 
 
 @pytest.mark.parametrize("task", TASKS)

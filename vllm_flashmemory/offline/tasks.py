@@ -271,6 +271,19 @@ def niah_question(kind: str, keys: Sequence[str], n_answers: int) -> str:
     )
 
 
+_NIAH_ASK = re.compile(r"special magic \w+ for (.+?) mentioned in the provided text\?")
+
+
+def question_keys(sample: TaskSample) -> tuple[str, ...]:
+    """The keys a NIAH question asks for, in the question's order (niah_question's
+    "a, b, and c" split back); () for every other task and for a question not in
+    RULER's NIAH form (a task-file row may reuse a NIAH task name)."""
+    m = _NIAH_ASK.search(sample.question) if sample.task in NIAH else None
+    if m is None:
+        return ()
+    return tuple(k for k in re.split(r",(?: and)? ", m.group(1)) if k)
+
+
 def vt_question(value: str, n_names: int) -> str:
     """RULER's variable-tracking question and answer prefix (its "assgined" kept)."""
     return (
