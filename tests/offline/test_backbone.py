@@ -169,6 +169,55 @@ def test_dense_multi_answers_every_asked_value_in_needle_order(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
+def test_dense_multi_with_echo_keys_names_each_key_in_question_order(seed):
+    plain = bb.make_dense_multi(random.Random(seed), 4096)
+    ex = bb.make_dense_multi(random.Random(seed), 4096, echo_keys=True)
+    text = bb.decode(ex.ids)
+    assert text.split("\nWhat ")[0] == bb.decode(plain.ids).split("\nWhat ")[0]  # same draws
+    needles = re.findall(r"^One of the special magic \w+ for (\S+) is: (\S+)\.$", text, re.M)
+    values_of: dict[str, list[str]] = {}
+    for k, v in needles:
+        values_of.setdefault(k, []).append(v)  # in needle order
+    qa = re.findall(
+        r"^What .*? The special magic \w+ for (.+?) mentioned in the provided text "
+        r"(?:is|are)( .*\.\n)", text, re.M,
+    )
+    assert [a for _, a in qa] == _answer_spans(ex)[: len(qa)]
+    n_keyed = 0
+    for keys_text, answer in qa:
+        keys = re.split(r", and |, ", keys_text)
+        if len(keys) == 1:
+            assert answer == " " + ", ".join(values_of[keys[0]]) + ".\n"
+            continue
+        n_keyed += 1
+        # Each value follows the bytes its needle writes before it: a plain copy.
+        assert answer == " " + "; ".join(
+            f"{k} is: {', '.join(values_of[k])}" for k in keys) + ".\n"
+        for k in keys:
+            assert f"for {k} is: {values_of[k][0]}." in text
+    assert n_keyed >= 1
+
+
+def test_multiquery_rows_with_echo_keys_answer_in_question_order():
+    rng = random.Random(5)
+    ex = bb.make_task_row(rng, 2048, "niah_multiquery", echo_keys=True)
+    sample = tasks.generate("niah_multiquery", 2048, 1, 0, bb.count_tokens)[0]
+    keys = tasks.question_keys(sample)
+    assert len(keys) == 4 and ", ".join(keys[:-1]) + ", and " + keys[-1] in sample.question
+    assert bb.answer_text(sample, echo_keys=True) == " " + "; ".join(
+        f"{k} is: {v}" for k, v in zip(keys, sample.answers)) + "."
+    for k, v in zip(keys, sample.answers):  # the generator pairs the i-th key, value
+        assert f"for {k} is: {v}." in sample.context
+    answer = bb.decode([i for i, m in zip(ex.ids, ex.answer_mask) if m])
+    assert re.fullmatch(r" (\S+ is: \d{7}; ){3}\S+ is: \d{7}\.", answer)
+    one = tasks.generate("niah_multivalue", 2048, 1, 0, bb.count_tokens)[0]
+    assert bb.answer_text(one, echo_keys=True) == bb.answer_text(one)  # one key: no echo
+    for task in ("vt", "cwe", "niah_single_1"):
+        s = tasks.generate(task, 2048, 1, 0, bb.count_tokens)[0]
+        assert bb.answer_text(s, echo_keys=True) == bb.answer_text(s)
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_dense_chains_answer_by_following_the_assignments(seed):
     ex = bb.make_dense_chains(random.Random(seed), 4096)
     assert len(ex.ids) == len(ex.answer_mask) == 4096
@@ -430,7 +479,8 @@ def test_committed_checkpoint_loads_and_records_its_command():
     "kwargs, match",
     [
         ({"minutes": 0}, "minutes=0"),
-        ({"indexer_fraction": 1.0}, "indexer_fraction=1.0"),
+        ({"indexer_fraction": 1.5}, "indexer_fraction=1.5"),
+        ({"indexer_fraction": 1.0}, "indexer_fraction=1 trains the indexer only.*--init"),
         ({"curriculum": ((1000, 1.0),)}, "multiples of 128"),
         ({"curriculum": ((1024, 0.5),)}, "fractions must sum to 1"),
         (

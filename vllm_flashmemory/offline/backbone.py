@@ -32,6 +32,7 @@ import shlex
 import string
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,9 +86,31 @@ def count_tokens(text: str) -> int:
     return len(text.encode("utf-8")) + 1
 
 
-def answer_text(sample: tasks.TaskSample) -> str:
-    """The completion trained after the answer prefix: answers in context order."""
+def keyed_answer(pairs: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """' k1 is: v1; k2 is: v2a, v2b.': each asked key restated as its needle states it
+    ("... for k1 is: v1."), in the question's key order. Each value then follows the
+    very bytes that precede it in its needle, a plain copy, and the next key is the
+    question's next one; answering in needle order instead asks the model to find the
+    earliest needle of four keys it has not yet written, where stage 7 wrote one or two
+    values and then repeated them."""
+    return " " + "; ".join(f"{key} is: {', '.join(vals)}" for key, vals in pairs) + "."
+
+
+def answer_text(sample: tasks.TaskSample, echo_keys: bool = False) -> str:
+    """The completion trained after the answer prefix: answers in context order, or
+    with `echo_keys` a question asking several keys (niah_multiquery) answered by
+    keyed_answer."""
     answers = list(sample.answers)
+    keys = tasks.question_keys(sample) if echo_keys else ()
+    if len(keys) > 1 and len(answers) % len(keys) == 0:
+        per_key = len(answers) // len(keys)  # generate lists each key's values in turn
+
+        def in_context(vals: list[str]) -> list[str]:
+            return sorted(vals, key=lambda a: (sample.context.rfind(a), a))
+
+        return keyed_answer(
+            [(k, in_context(answers[i * per_key : (i + 1) * per_key])) for i, k in enumerate(keys)]
+        )
     if sample.task in ("vt", "fwe"):
         pass  # chain order / frequency rank already
     else:
@@ -273,7 +296,9 @@ def _pad(ids: list[int], mask: list[bool], length: int) -> Example:
     )
 
 
-def make_dense_recall(rng: random.Random, length: int, multi: float = 0.0) -> Example:
+def make_dense_recall(
+    rng: random.Random, length: int, multi: float = 0.0, echo_keys: bool = False
+) -> Example:
     """Associative recall in RULER's needle format: key-value needles, then many
     queries whose values are the answers (~20% answer tokens, against ~0.1% in a
     RULER row), so copying from far compressed entries is learned fast. A quarter of
@@ -282,9 +307,9 @@ def make_dense_recall(rng: random.Random, length: int, multi: float = 0.0) -> Ex
     digit; asked RULER's way, only the key locates it (a model trained on
     restatements got every digit but the first: teacher-forced 0.89, greedy 0/4).
     A share `multi` of rows are make_dense_multi's instead (no draw when 0, so the
-    stages trained before it replay exactly)."""
+    stages trained before it replay exactly; `echo_keys` goes to make_dense_multi)."""
     if multi > 0 and rng.random() < multi:
-        return make_dense_multi(rng, length)
+        return make_dense_multi(rng, length, echo_keys)
     kind = rng.choice(("numbers", "numbers", "numbers", "uuids"))
     pairs, text = [], ""
     while len(text) < 0.4 * length:
@@ -311,11 +336,13 @@ def _dense_value(rng: random.Random, kind: str) -> str:
     return tasks.random_code(rng) if kind == "codes" else tasks.random_value(rng, kind)
 
 
-def make_dense_multi(rng: random.Random, length: int) -> Example:
+def make_dense_multi(rng: random.Random, length: int, echo_keys: bool = False) -> Example:
     """Dense recall in the multi-answer forms (niah_multivalue, niah_multiquery):
     a key holds 1-4 values, a question asks 1-4 keys, and the answer lists every
-    value asked in needle order, as answer_text orders a RULER row. Values are
-    numbers, uuids or 8-character code words."""
+    value asked in needle order, as answer_text orders a RULER row (with `echo_keys`,
+    a question of several keys is answered by keyed_answer, as answer_text does then).
+    Values are numbers, uuids or 8-character code words. `echo_keys` changes only the
+    answer strings, not the draws."""
     kind = rng.choice(("numbers", "numbers", "uuids", "codes"))
     values_of: dict[str, list[str]] = {}
     needles: list[tuple[str, str]] = []
@@ -336,7 +363,13 @@ def make_dense_multi(rng: random.Random, length: int) -> Example:
         asked = rng.sample(keys, min(rng.choice((1, 1, 2, 3, 4)), len(keys)))
         answers = sorted((v for k in asked for v in values_of[k]), key=order.__getitem__)
         q_ids = encode(tasks.niah_question(kind, asked, len(answers))[1:])[1:]
-        a = encode(" " + ", ".join(answers) + ".\n")[1:]
+        if echo_keys and len(asked) > 1:
+            text_a = keyed_answer(
+                [(k, sorted(values_of[k], key=order.__getitem__)) for k in asked]
+            )
+        else:
+            text_a = " " + ", ".join(answers) + "."
+        a = encode(text_a + "\n")[1:]
         ids += q_ids + a
         mask += [False] * len(q_ids) + [True] * len(a)
     return _pad(ids, mask, length)
@@ -431,9 +464,11 @@ def make_task_row(
     length: int,
     task: str | None = None,
     weights: tuple[tuple[str, float], ...] = (),
+    echo_keys: bool = False,
 ) -> Example:
     """One RULER row (a random task unless named; `weights` (task, weight) pairs
-    reweigh the draw, unnamed tasks at 1): prompt, then the trained answer."""
+    reweigh the draw, unnamed tasks at 1): prompt, then the trained answer
+    (answer_text, `echo_keys` passed on)."""
     w = dict(weights)
     draw_weights = [w.get(t, 1.0) for t in tasks.TASKS]
     while True:  # a task whose smallest prompt exceeds `length` is redrawn
@@ -452,7 +487,7 @@ def make_task_row(
             if task is not None:
                 raise
     prompt = encode(sample.context + sample.question)
-    answer = encode(answer_text(sample))[1:] + [EOS_ID]
+    answer = encode(answer_text(sample, echo_keys))[1:] + [EOS_ID]
     return _pad(prompt + answer, [False] * len(prompt) + [True] * len(answer), length)
 
 
@@ -467,6 +502,7 @@ class Mixture:
     echo: float = 0.0  # make_dense_echo (no_context)
     dense_multi: float = 0.0  # share of dense rows in make_dense_multi's forms
     task_weights: tuple[tuple[str, float], ...] = ()  # RULER rows: (task, weight)
+    echo_keys: bool = False  # several keys asked: keyed_answer (RULER and dense rows)
 
     def __post_init__(self) -> None:
         parts = (self.text, self.dense, self.copy, self.chains, self.echo)
@@ -504,7 +540,7 @@ def make_example(rng: random.Random, length: int, mix: Mixture) -> Example:
         return _pad(ids, [False] * len(ids), length)
     edge = mix.text
     for share, make in (
-        (mix.dense, lambda: make_dense_recall(rng, length, mix.dense_multi)),
+        (mix.dense, lambda: make_dense_recall(rng, length, mix.dense_multi, mix.echo_keys)),
         (mix.copy, lambda: make_copy(rng, length)),
         (mix.chains, lambda: make_dense_chains(rng, length)),
         (mix.echo, lambda: make_dense_echo(rng, length)),
@@ -512,7 +548,7 @@ def make_example(rng: random.Random, length: int, mix: Mixture) -> Example:
         edge += share  # the same left-to-right sums as before: old stages replay
         if u < edge:
             return make()
-    return make_task_row(rng, length, weights=mix.task_weights)
+    return make_task_row(rng, length, weights=mix.task_weights, echo_keys=mix.echo_keys)
 
 
 class TaskStream(torch.utils.data.IterableDataset):
@@ -610,7 +646,11 @@ class BackboneTrainConfig:
         default=6.5, metadata=_opt("wall minutes of training (backbone + indexer warm-up)")
     )
     indexer_fraction: float = field(
-        default=0.12, metadata=_opt("share of the minutes spent on the indexer warm-up")
+        default=0.12,
+        metadata=_opt(
+            "share of the minutes spent on the indexer warm-up (1: the warm-up only, "
+            "for a backbone given by --init)"
+        ),
     )
     # Short first: retrieval is learned at 512-2K, then lengthened.
     curriculum: tuple[tuple[int, float], ...] = field(
@@ -642,6 +682,14 @@ class BackboneTrainConfig:
     task_weights: tuple[tuple[str, float], ...] = field(
         default=(),
         metadata=_opt("RULER rows: draw weights, others 1 (e.g. vt:3 cwe:0)", metavar="TASK:W"),
+    )
+    echo_keys: bool = field(
+        default=False,
+        metadata=_opt(
+            "answer a question of several keys key by key in its order, each restated "
+            "as its needle states it (' k1 is: v1; k2 is: v2.', keyed_answer); score "
+            "such a backbone with `flashmemory eval --key-room`"
+        ),
     )
     # Loss = CE(answer) + context_weight x CE(context): answers are ~0.1% of a RULER row.
     context_weight: float = field(default=0.1, metadata=_opt("weight of non-answer tokens"))
@@ -692,9 +740,14 @@ class BackboneTrainConfig:
                 f"minutes={self.minutes}, eval_minutes={self.eval_minutes}: "
                 "give minutes > 0 and eval_minutes >= 0."
             )
-        if not 0 <= self.indexer_fraction < 1:
+        if not 0 <= self.indexer_fraction <= 1:
             raise ValueError(
-                f"indexer_fraction={self.indexer_fraction} must be in [0, 1); use 0.12."
+                f"indexer_fraction={self.indexer_fraction} must be in [0, 1]; use 0.12."
+            )
+        if self.indexer_fraction == 1 and not self.init:
+            raise ValueError(
+                "indexer_fraction=1 trains the indexer only, which needs a trained "
+                "backbone: pass --init MODEL_DIR (or use 0.12 from scratch)."
             )
         bad = [n for n, _ in self.curriculum if n % 128 or n < 512]
         if bad or abs(sum(f for _, f in self.curriculum) - 1) > 1e-6:
@@ -729,6 +782,7 @@ class BackboneTrainConfig:
             self.echo_fraction,
             self.dense_multi_fraction,
             self.task_weights,
+            self.echo_keys,
         )
 
 
@@ -769,12 +823,14 @@ PROBE_KINDS = (
 PROBE_SEED = 20261124  # disjoint from training rows (seeded by string) and eval
 
 
-def probe_rows(length: int, n: int) -> dict[str, list[Example]]:
+def probe_rows(length: int, n: int, echo_keys: bool = False) -> dict[str, list[Example]]:
+    """n rows per PROBE_KINDS kind at `length`, answered as training answers them
+    (`echo_keys`)."""
     rng = random.Random(PROBE_SEED)
     make = {
         "copy": lambda: make_copy(rng, length),
         "dense": lambda: make_dense_recall(rng, length),
-        "dense_multi": lambda: make_dense_multi(rng, length),
+        "dense_multi": lambda: make_dense_multi(rng, length, echo_keys),
         "chains": lambda: make_dense_chains(rng, length),
         "echo": lambda: make_dense_echo(rng, length),
     }
@@ -782,7 +838,9 @@ def probe_rows(length: int, n: int) -> dict[str, list[Example]]:
     for kind in PROBE_KINDS:
         try:
             out[kind] = [
-                make[kind]() if kind in make else make_task_row(rng, length, kind)
+                make[kind]()
+                if kind in make
+                else make_task_row(rng, length, kind, echo_keys=echo_keys)
                 for _ in range(n)
             ]
         except ValueError:
@@ -897,7 +955,7 @@ def train_backbone(model, cfg: BackboneTrainConfig, log: Log) -> None:
             stage_end = spent + frac * budget
             spent = stage_end
             batch = max(1, cfg.tokens_per_step // length)
-            rows = probe_rows(length, 16) if cfg.probe_seconds > 0 else {}
+            rows = probe_rows(length, 16, cfg.echo_keys) if cfg.probe_seconds > 0 else {}
             it = batches(length, batch, cfg.seed + step, cfg.workers, cfg.mixture)
             n_tok, ts = 0, time.time()
             while time.time() - t0 < stage_end:
@@ -1048,8 +1106,8 @@ def greedy(model, prompt_ids: list[int], max_new: int, dev: str) -> list[int]:
 
 def greedy_answer(model, sample: tasks.TaskSample, dev: str) -> str:
     """The model's greedy answer to a task sample, capped at its trained answer's
-    length + 8 tokens (the caller sets the attention and native top-k)."""
-    max_new = count_tokens(answer_text(sample)) + 8
+    length + 8 tokens, keys named (the caller sets the attention and native top-k)."""
+    max_new = count_tokens(answer_text(sample, echo_keys=True)) + 8
     return decode(greedy(model, encode(sample.context + sample.question), max_new, dev))
 
 
@@ -1122,7 +1180,8 @@ def run_training(cfg: BackboneTrainConfig, argv: list[str]) -> Path:
         torch=torch.__version__,
         config=dataclasses.asdict(cfg),
     )
-    train_backbone(model, cfg, log)
+    if cfg.indexer_fraction < 1:
+        train_backbone(model, cfg, log)
     for layer in model.model.layers:  # eval and the warm-up run uncompiled
         layer.__dict__.pop("forward", None)
     if cfg.indexer_fraction > 0:
