@@ -493,3 +493,27 @@ def test_committed_checkpoint_loads_and_records_its_command():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bb.BackboneTrainConfig(out="x", **kwargs)
+
+
+def test_indexer_fraction_one_fits_only_the_indexer(tmp_path):
+    # --indexer-fraction 1 on an --init backbone: the warm-up runs (phase "indexer" is
+    # logged), no backbone step is taken, and only lightning-indexer weights change.
+    from safetensors.torch import load_file
+
+    from vllm_flashmemory.dsv4.checkpoint import load_hf_model
+
+    asset = ASSET
+    cfg = bb.BackboneTrainConfig(
+        out=str(tmp_path / "bb"), init=str(asset), minutes=0.05, indexer_fraction=1.0,
+        indexer_length=512, workers=1, device="cpu", compile=False, eval_minutes=0,
+        probe_seconds=0, save_seconds=0,
+    )
+    out = bb.run_training(cfg, ["--init", str(asset)])
+    phases = {json.loads(line)["phase"] for line in (out / "training_log.jsonl").open()}
+    assert "indexer" in phases and "backbone" not in phases
+    before, after = load_file(asset / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "the warm-up changed no weight"
+    assert all(".indexer." in k for k in changed), sorted(changed)[:5]
+    load_hf_model(str(out))  # the checkpoint reads back
