@@ -698,29 +698,57 @@ class _ListingEngine:
         )
 
 
+@pytest.mark.parametrize("key_room", [False, True])
 @pytest.mark.parametrize("task", ["niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"])
-def test_every_answer_fits_the_decode_limit(tmp_path, task):
+def test_every_answer_fits_the_decode_limit(tmp_path, task, key_room):
     from vllm_flashmemory.offline import backbone, tasks
 
     sample = tasks.generate(task, 8192, 1, 0, backbone.count_tokens)[0]
-    listed = backbone.answer_text(sample)  # the backbone's trained form, the longest
+    # the backbone's trained form: with --key-room, each asked key named (the longer)
+    listed = backbone.answer_text(sample, echo_keys=key_room)
     engine = _ListingEngine(listed)
     cfg = _cfg(tmp_path, methods="full,recency")
-    cfg = dataclasses.replace(cfg, max_new_tokens=evaluate.EvalConfig.max_new_tokens)
+    cfg = dataclasses.replace(cfg, max_new_tokens=evaluate.EvalConfig.max_new_tokens,
+                              key_room=key_room)
     values = evaluate._run_sample(engine, _ByteTokenizer(), tasks, sample, cfg.methods, cfg)
     assert len(sample.answers) > 1
+    keys = tasks.question_keys(sample)
+    assert (len(keys) > 1) == (task == "niah_multiquery")
+    room_keys = keys if key_room else ()
     assert set(engine.limits) == {min(cfg.max_new_tokens, evaluate.answer_token_limit(
-        [len(a.encode()) + 1 for a in sample.answers]))}
+        [len(a.encode()) + 1 for a in sample.answers],
+        [len(k.encode()) + 1 for k in room_keys]))}
     assert engine.limits[0] >= len(engine.ids)  # nothing of the listed answer is cut
     assert values["full"]["score"] == 1.0 and values["recency"]["score"] == 1.0
+
+
+def test_keyed_answer_is_cut_without_key_room(tmp_path):
+    # Why --key-room exists: a four-key answer with its keys named does not fit the
+    # plain rule's room, so a model trained with --echo-keys would lose its last values.
+    from vllm_flashmemory.offline import backbone, tasks
+
+    sample = tasks.generate("niah_multiquery", 8192, 1, 0, backbone.count_tokens)[0]
+    engine = _ListingEngine(backbone.answer_text(sample, echo_keys=True))
+    cfg = dataclasses.replace(_cfg(tmp_path, methods="full"),
+                              max_new_tokens=evaluate.EvalConfig.max_new_tokens)
+    values = evaluate._run_sample(engine, _ByteTokenizer(), tasks, sample, cfg.methods, cfg)
+    assert engine.limits[0] < len(engine.ids)
+    assert values["full"]["score"] < 1.0
 
 
 def test_answer_token_limit_keeps_the_single_answer_rule():
     assert evaluate.answer_token_limit([8]) == 16  # longest answer + 8, as before
     assert evaluate.answer_token_limit([8, 8, 8, 8]) == 32 + 3 * 4 + 8
+    assert evaluate.answer_token_limit([8, 8, 8, 8], [20]) == 32 + 3 * 4 + 8  # one key
+    assert evaluate.answer_token_limit([8, 8], [20, 10]) == 16 + 4 + 8 + 30 + 2 * 4
+    assert evaluate.answer_limit_rule("niah_multiquery") == evaluate.ANSWER_LIMIT_RULE
+    assert evaluate.answer_limit_rule("niah_multiquery", key_room=True) == (
+        evaluate.ANSWER_LIMIT_KEY_ROOM)
+    assert {evaluate.answer_limit_rule(t, key_room=True)
+            for t in ("niah_multivalue", "cwe", "mine")} == {evaluate.ANSWER_LIMIT_RULE}
 
 
-def test_resume_refuses_multi_answer_rows_of_the_old_limit(tmp_path):
+def test_resume_refuses_rows_of_another_answer_limit(tmp_path):
     from vllm_flashmemory.offline import tasks
 
     cfg = _cfg(tmp_path)
@@ -729,6 +757,26 @@ def test_resume_refuses_multi_answer_rows_of_the_old_limit(tmp_path):
     new_multi = {**old_multi, "answer_limit": evaluate.ANSWER_LIMIT_RULE}
     assert not tasks.single_answer("niah_multivalue")
     evaluate.check_answer_limit_rows(cfg, [old_single, new_multi])  # both kept
-    with pytest.raises(ValueError, match="rows of niah_multivalue decoded for the "
-                       "longest answer only.*delete those rows"):
+    with pytest.raises(ValueError, match="rows of niah_multivalue decoded under another "
+                       "answer limit.*delete those rows"):
         evaluate.check_answer_limit_rows(cfg, [old_single, old_multi])
+    # Multi-query rows measured with and without --key-room never share a file.
+    plain = {**_row("niah_multiquery", 128, "full", 0.5),
+             "answer_limit": evaluate.ANSWER_LIMIT_RULE}
+    keyed = {**plain, "answer_limit": evaluate.ANSWER_LIMIT_KEY_ROOM}
+    evaluate.check_answer_limit_rows(cfg, [old_single, new_multi, plain])
+    with pytest.raises(ValueError, match="rows of niah_multiquery.*--key-room"):
+        evaluate.check_answer_limit_rows(cfg, [new_multi, keyed])
+    key_cfg = dataclasses.replace(cfg, key_room=True)
+    evaluate.check_answer_limit_rows(key_cfg, [old_single, new_multi, keyed])
+    with pytest.raises(ValueError, match="rows of niah_multiquery"):
+        evaluate.check_answer_limit_rows(key_cfg, [plain])
+
+
+def test_worker_command_passes_key_room(tmp_path):
+    cfg = dataclasses.replace(_cfg(tmp_path), key_room=True)
+    unit = evaluate.WorkUnit("niah_multiquery", 128, cfg.methods)
+    cmd = evaluate.worker_command(cfg, unit, str(tmp_path / "shard.json"))
+    assert "--key-room" in cmd
+    plain = evaluate.worker_command(dataclasses.replace(cfg, key_room=False), unit, "s.json")
+    assert "--key-room" not in plain

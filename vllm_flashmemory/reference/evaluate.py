@@ -21,9 +21,10 @@ atomically after every cell; a rerun with the same --json skips completed cells.
 row names the weights it measured (`model_sha256`; lsa and quest rows also
 `indexer_sha256`), and a rerun with another backbone or Memory Indexer is refused, so
 a resumed file never mixes two of them. Each sample decodes with room for every
-answer, listed (answer_token_limit, capped by --max-new-tokens); rows say so
-(`answer_limit`), and multi-answer rows from before that rule, which had room for one
-answer, are refused on resume.
+answer, listed (answer_token_limit, capped by --max-new-tokens), and with --key-room
+also for naming each key when the question asks several (a model that answers
+" k1 is: v1; k2 is: v2.", as `train-backbone --echo-keys` trains); rows say which rule
+they were decoded under (`answer_limit`), and a rerun refuses rows of another rule.
 
 `--workers N` runs the missing rows as jobs of N `flashmemory eval` subprocesses at a
 time (the tiny backbone's eval is bound by Python, not the GPU): one job per cell, or,
@@ -113,6 +114,9 @@ class EvalConfig:
     # Cap on generated tokens; each sample gets room for every answer below it
     # (answer_token_limit). cwe's ten numbered words need ~125 byte tokens.
     max_new_tokens: int = 160
+    # Room to restate each asked key before its values where a question asks several
+    # (niah_multiquery): for a backbone trained with `train-backbone --echo-keys`.
+    key_room: bool = False
     prefill_chunk_tokens: int = 1024
     progress: bool = True
     # Where the backbone, the Memory Indexer and the device KV run: "cpu" or "cuda".
@@ -146,6 +150,8 @@ class EvalConfig:
         if not self.methods:
             raise ValueError("--methods is empty; use e.g. full,lsa,recency,random,oracle,quest.")
         check_memory_fraction(self.cuda_memory_fraction)
+        if not isinstance(self.key_room, bool):
+            raise ValueError(f"key_room={self.key_room!r} must be True or False (--key-room).")
         for name in ("n", "tau", "max_new_tokens", "prefill_chunk_tokens", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -392,7 +398,7 @@ def run_eval(
             "local_window_tokens": window.local_window_tokens,
             "tau": cfg.tau,
             "threshold": cfg.threshold,
-            "answer_limit": ANSWER_LIMIT_RULE,
+            "answer_limit": answer_limit_rule(task, cfg.key_room),
             "max_new_tokens": cfg.max_new_tokens,
         }
         settings_of = {s.label: sample_settings(cfg, extra, _row_identity(s, identity))
@@ -452,24 +458,28 @@ def check_window_rows(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def check_answer_limit_rows(cfg: EvalConfig, rows: Sequence[dict[str, Any]]) -> None:
-    """Refuse to resume a results file whose multi-answer rows were decoded under
-    another answer limit: before "answer_limit" rows stopped at the longest answer
-    + 8 tokens, which scored a four-value row at one or two values at most. Single-
-    answer rows (niah_single, multikey, no_context) had the same limit then and now."""
+    """Refuse to resume a results file whose rows were decoded under another answer
+    rule than this run's (answer_limit_rule): before "answer_limit" rows stopped at the
+    longest answer + 8 tokens, which scored a four-value row at one or two values at
+    most; with and without --key-room a multi-key question gets different room. Rows
+    whose limit is the same under this run's rule pass (single-answer rows always did)."""
     from vllm_flashmemory.offline import tasks as task_lib
 
-    def rule(row: dict[str, Any]) -> str | None:
-        if "answer_limit" in row:
-            return row["answer_limit"]
-        return ANSWER_LIMIT_RULE if task_lib.single_answer(row["task"]) else None
+    def current(row: dict[str, Any]) -> bool:
+        rule = row.get("answer_limit")
+        if rule is None:  # the oldest rows: right only where one answer is written
+            rule = ANSWER_LIMIT_RULE if task_lib.single_answer(row["task"]) else None
+        return rule == answer_limit_rule(row["task"], cfg.key_room)
 
-    stale = sorted({r["task"] for r in rows if rule(r) != ANSWER_LIMIT_RULE})
+    stale = sorted({r["task"] for r in rows if not current(r)})
     if stale:
+        rule = ANSWER_LIMIT_KEY_ROOM if cfg.key_room else ANSWER_LIMIT_RULE
         raise ValueError(
-            f"--json {cfg.json_path!r} holds rows of {', '.join(stale)} decoded for the "
-            f"longest answer only (no answer_limit {ANSWER_LIMIT_RULE!r}), which cut "
-            "multi-answer outputs short; delete those rows from the file (or write to "
-            "another --json) and rerun to measure them with room for every answer."
+            f"--json {cfg.json_path!r} holds rows of {', '.join(stale)} decoded under "
+            f"another answer limit than this run's {rule!r} (rows without "
+            "answer_limit had room for the longest answer only); delete those rows "
+            "from the file (or write to another --json), or rerun with the "
+            "--key-room setting they were measured with."
         )
 
 
@@ -709,6 +719,7 @@ def worker_command(
         "--cells", f"{unit.task}@{unit.length}",
         "--n", str(cfg.n), "--seed", str(cfg.seed), "--tau", str(cfg.tau),
         "--threshold", repr(cfg.threshold), "--max-new-tokens", str(cfg.max_new_tokens),
+        *(["--key-room"] if cfg.key_room else []),
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
         "--device", cfg.device, "--no-progress",
         "--samples-log", str(cfg.samples_log_path),
@@ -797,8 +808,10 @@ def sample_settings(
 def _run_sample(engine, tokenizer, task_lib, sample, specs, cfg: EvalConfig) -> dict[str, dict]:
     """Decode one sample with every spec after one prefill; label -> its values."""
     prompt = tokenizer(build_prompt(sample)).input_ids
-    limit = min(cfg.max_new_tokens,
-                answer_token_limit([len(tokenizer(a).input_ids) for a in sample.answers]))
+    keys = task_lib.question_keys(sample) if cfg.key_room else ()
+    limit = min(cfg.max_new_tokens, answer_token_limit(
+        [len(tokenizer(a).input_ids) for a in sample.answers],
+        [len(tokenizer(k).input_ids) for k in keys]))
     prefill = engine.prefill(prompt)
     need_full, need_lsa = _base_decodes(specs)
     full = lsa = None
@@ -829,17 +842,43 @@ def _run_sample(engine, tokenizer, task_lib, sample, specs, cfg: EvalConfig) -> 
     return out
 
 
-# Tokens per answer beyond its own, for what lists it: ", " or cwe's " 10. ".
+# Tokens per answer beyond its own, for what lists it: ", " or cwe's " 10. "; and per
+# named key, for " is: " and "; ".
 ANSWER_SEPARATOR_TOKENS = 4
-# The rule rows carry as "answer_limit"; rows without it were decoded for the longest
-# answer + 8 only, which cut multi-answer rows to one or two answers.
+# The rules rows carry as "answer_limit" (answer_limit_rule). Rows without it were
+# decoded for the longest answer + 8 only, which cut multi-answer rows to one or two
+# answers. --key-room adds room for each asked key where a question asks several;
+# elsewhere both give the same limit, so those rows keep the plain rule's name.
 ANSWER_LIMIT_RULE = "all_answers+8"
+ANSWER_LIMIT_KEY_ROOM = "all_answers+keys+8"
 
 
-def answer_token_limit(answer_tokens: Sequence[int]) -> int:
+def answer_token_limit(answer_tokens: Sequence[int], key_tokens: Sequence[int] = ()) -> int:
     """Decode steps for a sample whose answers take `answer_tokens` tokens each: room
-    to write every one, listed, + 8. One answer: its length + 8, as before."""
-    return sum(answer_tokens) + ANSWER_SEPARATOR_TOKENS * (len(answer_tokens) - 1) + 8
+    to write every one, listed, + 8; when its question asks several keys (of
+    `key_tokens` tokens each, given with --key-room), room to name each before its
+    values too (" k1 is: v1; k2 is: v2.", as `train-backbone --echo-keys` trains). One
+    answer: its length + 8, as before."""
+    limit = sum(answer_tokens) + ANSWER_SEPARATOR_TOKENS * (len(answer_tokens) - 1) + 8
+    if len(key_tokens) > 1:
+        limit += sum(key_tokens) + ANSWER_SEPARATOR_TOKENS * len(key_tokens)
+    return limit
+
+
+def tasks_with_key_room() -> frozenset[str]:
+    """Generated tasks whose questions ask several keys (with --key-room,
+    answer_token_limit gives them room to name each)."""
+    from vllm_flashmemory.offline import tasks as task_lib
+
+    return frozenset(t for t, spec in task_lib.NIAH.items() if spec.n_queries > 1)
+
+
+def answer_limit_rule(task: str, key_room: bool = False) -> str:
+    """The answer_limit rows of `task` are decoded under: with --key-room, room for
+    the keys where its questions ask several."""
+    if key_room and task in tasks_with_key_room():
+        return ANSWER_LIMIT_KEY_ROOM
+    return ANSWER_LIMIT_RULE
 
 
 def build_prompt(sample: Any) -> str:
@@ -1030,6 +1069,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 1/256 of the context, the paper's 256 of 64K)")
     parser.add_argument("--max-new-tokens", type=int, default=_D["max_new_tokens"].default,
                         help="cap on generated tokens (default: %(default)s)")
+    parser.add_argument("--key-room", action="store_true",
+                        help="room to restate each asked key before its values where a "
+                        "question asks several (niah_multiquery), for a backbone trained "
+                        "with `train-backbone --echo-keys`; rows record it as answer_limit "
+                        f"{ANSWER_LIMIT_KEY_ROOM!r}")
     parser.add_argument("--prefill-chunk-tokens", type=int,
                         default=_D["prefill_chunk_tokens"].default,
                         help="prompt tokens per prefill forward (default: %(default)s)")
@@ -1092,6 +1136,7 @@ def run(args: argparse.Namespace) -> int:
         local_window_tokens=args.local_window_tokens,
         chunk_tokens=args.chunk_tokens,
         max_new_tokens=args.max_new_tokens,
+        key_room=args.key_room,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         progress=not args.no_progress,
         device=args.device,
