@@ -81,7 +81,7 @@ def table(baseline: dict[Cell, dict], candidate: dict[Cell, dict],
         b, c = baseline[(task, length)], candidate[(task, length)]
         out.append(
             f"| {task} | {length // 1024}K | {b['accuracy']:.3f} ({b['n']}) | "
-            f"{c['accuracy']:.3f} ({c['n']}{', partial' if c['source'] == 'samples' else ''})"
+            f"{c['accuracy']:.3f} ({c['n']}{', from the log' if c['source'] == 'samples' else ''})"
             f" | {c['accuracy'] - b['accuracy']:+.3f} |"
         )
     return out

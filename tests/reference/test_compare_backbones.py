@@ -53,7 +53,7 @@ def test_rows_first_then_logged_samples(tmp_path):
                                 _row("cwe", 16384, 0.1)]))
     lines = compare.table(compare.cells(base, "full"), got)
     assert len(lines) == 3  # header, rule, the one cell both have
-    assert lines[2] == "| niah_multivalue | 16K | 0.500 (16) | 0.250 (2, partial) | -0.250 |"
+    assert lines[2] == "| niah_multivalue | 16K | 0.500 (16) | 0.250 (2, from the log) | -0.250 |"
 
 
 def test_missing_files_are_named(tmp_path):
