@@ -16,56 +16,34 @@ re-running anything.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from collections import defaultdict
 from pathlib import Path
+
+from vllm_flashmemory.reference import samples_log
+from vllm_flashmemory.reference.evaluate import _CellStats, read_rows
 
 Cell = tuple[str, int]  # (task, context_tokens)
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    return data["rows"] if isinstance(data, dict) else data
-
-
-def _stderr(scores: list[float]) -> float:
-    n = len(scores)
-    if n < 2:
-        return 0.0
-    mean = sum(scores) / n
-    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
-
-
 def cells(json_path: Path, method: str) -> dict[Cell, dict]:
-    """(task, length) -> {accuracy, stderr, n, model, source} for `method`: rows of
-    the results file, then the sample log's means for cells that have no row."""
-    out: dict[Cell, dict] = {}
-    for r in _rows(json_path):
-        if r["method"] == method:
-            out[(r["task"], r["context_tokens"])] = {
-                "accuracy": r["accuracy"], "stderr": r.get("accuracy_stderr", 0.0),
-                "n": r["n"], "model": r.get("model_sha256"), "source": "row",
-            }
-    log = json_path.with_name(json_path.name + ".samples.jsonl")
-    scores: dict[Cell, dict[int, float]] = defaultdict(dict)
-    models: dict[Cell, str | None] = {}
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            cell = (rec["task"], rec["context_tokens"])
-            if rec["method"] == method and cell not in out:
-                scores[cell][rec["sample"]] = rec["score"]
-                models[cell] = rec["settings"].get("model_sha256")
-    for cell, by_sample in scores.items():
-        vals = list(by_sample.values())
-        out[cell] = {"accuracy": sum(vals) / len(vals), "stderr": _stderr(vals),
-                     "n": len(vals), "model": models[cell], "source": "samples"}
+    """(task, length) -> an eval row of `method` plus its "source": the results file's
+    rows, then, for cells that have no row, one made from the sample log the way eval
+    makes it (_CellStats, so accuracy and its standard error are the same figures)."""
+    out: dict[Cell, dict] = {
+        (r["task"], r["context_tokens"]): {**r, "source": "row"}
+        for r in read_rows(json_path) if r["method"] == method
+    }
+    logged: dict[Cell, dict[int, dict]] = defaultdict(dict)
+    for rec in samples_log.read_records(samples_log.log_path(json_path)):
+        cell = (rec["task"], rec["context_tokens"])
+        if rec["method"] == method and cell not in out:
+            logged[cell][rec["sample"]] = rec  # a sample logged twice counts once
+    for cell, by_sample in logged.items():
+        stats = _CellStats()
+        for rec in by_sample.values():
+            stats.add_values(rec)
+        model = next(iter(by_sample.values()))["settings"].get("model_sha256")
+        out[cell] = {**stats.row(*cell, method, {"model_sha256": model}), "source": "samples"}
     return out
 
 
@@ -96,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", help="comma-separated context lengths in tokens")
     args = ap.parse_args(argv)
     for flag, path in (("--baseline", args.baseline), ("--candidate", args.candidate)):
-        log = path.with_name(path.name + ".samples.jsonl")
+        log = samples_log.log_path(path)
         if not path.is_file() and not log.is_file():
             raise SystemExit(f"{flag} {path}: neither the file nor {log.name} exists.")
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     base, cand = cells(args.baseline, args.method), cells(args.candidate, args.method)
     for name, found in (("baseline", base), ("candidate", cand)):
-        models = sorted({str(v["model"]) for v in found.values()})
+        models = sorted({str(v.get("model_sha256")) for v in found.values()})
         print(f"{name}: {len(found)} cells of {args.method}, model_sha256 {', '.join(models)}")
     print("\n".join(table(base, cand, lengths)))
     return 0

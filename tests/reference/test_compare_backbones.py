@@ -26,8 +26,9 @@ def _row(task, length, acc, n=16, method="full"):
 
 def _rec(task, length, sample, score, method="full"):
     return json.dumps({"task": task, "context_tokens": length, "method": method,
-                       "sample": sample, "score": score,
-                       "settings": {"model_sha256": "bbbb"}})
+                       "sample": sample, "score": score, "resident_chunks": 8.0,
+                       "total_chunks": 8.0, "kv_bytes_gpu": 1.0, "kv_bytes_full": 1.0,
+                       "seconds": 1.0, "settings": {"model_sha256": "bbbb"}})
 
 
 def test_rows_first_then_logged_samples(tmp_path):
@@ -46,11 +47,13 @@ def test_rows_first_then_logged_samples(tmp_path):
     assert got[("vt", 16384)]["accuracy"] == 0.25 and got[("vt", 16384)]["source"] == "row"
     mv = got[("niah_multivalue", 16384)]
     assert (mv["accuracy"], mv["n"], mv["source"]) == (0.25, 2, "samples")
-    assert mv["stderr"] == pytest.approx(0.25)
+    assert mv["accuracy_stderr"] == pytest.approx(0.25)
+    assert mv["model_sha256"] == "bbbb"
 
     base = tmp_path / "base.json"
-    base.write_text(json.dumps([_row("niah_multivalue", 16384, 0.5),
-                                _row("cwe", 16384, 0.1)]))
+    base.write_text(json.dumps({"format": "flashmemory-eval/1",
+                                "rows": [_row("niah_multivalue", 16384, 0.5),
+                                         _row("cwe", 16384, 0.1)]}))
     lines = compare.table(compare.cells(base, "full"), got)
     assert len(lines) == 3  # header, rule, the one cell both have
     assert lines[2] == "| niah_multivalue | 16K | 0.500 (16) | 0.250 (2, from the log) | -0.250 |"
