@@ -101,20 +101,18 @@ def answer_text(sample: tasks.TaskSample, echo_keys: bool = False) -> str:
     with `echo_keys` a question asking several keys (niah_multiquery) answered by
     keyed_answer."""
     answers = list(sample.answers)
+
+    def in_context(vals: list[str]) -> list[str]:
+        return sorted(vals, key=lambda a: (sample.context.rfind(a), a))
+
     keys = tasks.question_keys(sample) if echo_keys else ()
     if len(keys) > 1 and len(answers) % len(keys) == 0:
         per_key = len(answers) // len(keys)  # generate lists each key's values in turn
-
-        def in_context(vals: list[str]) -> list[str]:
-            return sorted(vals, key=lambda a: (sample.context.rfind(a), a))
-
         return keyed_answer(
             [(k, in_context(answers[i * per_key : (i + 1) * per_key])) for i, k in enumerate(keys)]
         )
-    if sample.task in ("vt", "fwe"):
-        pass  # chain order / frequency rank already
-    else:
-        answers.sort(key=lambda a: (sample.context.rfind(a), a))
+    if sample.task not in ("vt", "fwe"):  # vt: chain order, fwe: frequency rank already
+        answers = in_context(answers)
     if sample.task == "cwe":
         return " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(answers))
     if sample.task == "vt":
