@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         log = samples_log.log_path(path)
         if not path.is_file() and not log.is_file():
             raise SystemExit(f"{flag} {path}: neither the file nor {log.name} exists.")
-    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    except ValueError:
+        raise SystemExit(f"--lengths {args.lengths!r}: give context lengths in tokens, "
+                         "e.g. 16384,8192.") from None
     base, cand = cells(args.baseline, args.method), cells(args.candidate, args.method)
     for name, found in (("baseline", base), ("candidate", cand)):
         models = sorted({str(v.get("model_sha256")) for v in found.values()})

@@ -63,3 +63,10 @@ def test_missing_files_are_named(tmp_path):
     with pytest.raises(SystemExit, match="--baseline .*nope.json: neither"):
         compare.main(["--baseline", str(tmp_path / "nope.json"),
                       "--candidate", str(tmp_path / "nope.json")])
+
+
+def test_bad_lengths_are_named(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"format": "flashmemory-eval/1", "rows": []}))
+    with pytest.raises(SystemExit, match="--lengths '16k'.*16384"):
+        compare.main(["--baseline", str(path), "--candidate", str(path), "--lengths", "16k"])
